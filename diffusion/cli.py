@@ -1,0 +1,43 @@
+"""What every entry point does around its work: parse and validate the config, set up logging, turn the errors a user
+can fix into one clear line and exit status 2 (instead of a traceback)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable, Optional, Sequence, Type, TypeVar
+
+from diffusion.config import ConfigError, parse_args
+
+C = TypeVar("C")
+log = logging.getLogger("diffusion")
+
+
+def setup_logging(main_process: bool = True) -> None:
+    logging.basicConfig(
+        level=logging.INFO if main_process else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def user_errors() -> tuple:
+    """Exception types whose message is meant for the user (bad config, data or weights), not a bug report."""
+    from datasets.images import BadImageError
+    from diffusion.embeddings import EmbeddingsError
+    from diffusion.models import ModelLoadError
+
+    return (ConfigError, ModelLoadError, EmbeddingsError, BadImageError, FileNotFoundError)
+
+
+def run(schema: Type[C], main: Callable[[C], object], argv: Optional[Sequence[str]] = None,
+        description: str = "") -> None:
+    """``--config_path FILE [key=value ...]`` -> validated config -> ``main(cfg)``; user errors exit 2 with a message."""
+    cfg = parse_args(schema, argv, description)  # exits 2 on a bad config, before anything heavy is imported
+    setup_logging()
+    try:
+        main(cfg)
+    except user_errors() as err:
+        log.error("%s", err)
+        sys.exit(2)

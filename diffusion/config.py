@@ -1,0 +1,404 @@
+"""Typed configuration: one dataclass schema per entry point, YAML + dot-list overrides, validated up front.
+
+Every entry point calls :func:`load_config` before it touches a model, so an unknown key, a wrong type or a bad value
+stops the run within seconds with a message that names the key and the closest valid names.
+:func:`stamp_run_dir` writes the resolved config, the seed, the git commit and the package versions into the run
+folder, so every output can be traced back to what produced it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import enum
+import json
+import os
+import platform
+import subprocess
+import sys
+import typing
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KANDINSKY_DECODER = "kandinsky-community/kandinsky-2-2-decoder"
+KANDINSKY_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says which key and what to do."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Enums (modes are enums, never free strings)
+# --------------------------------------------------------------------------------------------------------------------
+class DType(str, enum.Enum):
+    auto = "auto"  # float16 on CUDA, float32 elsewhere
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class OnBadFile(str, enum.Enum):
+    error = "error"  # stop, naming the file
+    skip = "skip"  # leave it out with a warning
+
+
+class SearchMode(str, enum.Enum):
+    first_flip = "first_flip"  # try t_skips mildest first, keep the first edit that flips the oracle
+    bisect = "bisect"  # binary search over the ordered t_skips (assumes flipping is monotone in edit strength)
+    fixed = "fixed"  # one t_skip, no oracle needed
+    sweep = "sweep"  # every t_skip x eta, for analysis
+
+
+class InversionCond(str, enum.Enum):
+    null = "null"  # invert with the null embedding, no guidance (the canonical edit-friendly setting)
+    source = "source"  # invert with classifier-free guidance on the image's own embedding at inversion_guidance
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shared sections
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """Where the Kandinsky 2.2 parts come from: a hub id or a local folder each."""
+
+    decoder: str = KANDINSKY_DECODER  # holds unet/, movq/, scheduler/
+    prior: str = KANDINSKY_PRIOR  # holds image_encoder/, image_processor/ (the prior diffusion model is not loaded)
+    revision: Optional[str] = None
+    local_files_only: bool = False  # True: never touch the network (also implied by HF_HUB_OFFLINE=1)
+    device: str = "auto"  # auto = cuda when available, else cpu; or cpu, cuda, cuda:1, mps
+    dtype: DType = DType.auto
+    image_size: Optional[int] = None  # pixels; None = the UNet's sample_size x the MoVQ scale factor
+
+
+@dataclass
+class DataConfig:
+    """A dataset laid out as root/<split>/<class>/<files> (see datasets/registry.py for the named domains)."""
+
+    name: str = "folder"  # a registry entry: folder, butterfly, kermany, afhq, kikibouba, mad_sane, celebahq, digits
+    root: str = MISSING
+    classes: List[str] = field(default_factory=list)  # empty = the entry's classes (folder: sorted subfolders)
+    train_split: str = "train"
+    eval_split: str = "test"
+    num_samples: Optional[int] = None  # per-class cap, applied after sorting (deterministic)
+    file_lists: Dict[str, str] = field(default_factory=dict)  # class -> text file naming the eval images to use
+    on_bad_file: OnBadFile = OnBadFile.error
+    background: List[int] = field(default_factory=lambda: [255, 255, 255])  # RGB under transparent pixels
+    num_workers: int = 0
+
+
+@dataclass
+class LoraRef:
+    """An adapter written by kandinsky_lora_train.py, loaded into the decoder UNet."""
+
+    path: Optional[str] = None  # the training output_dir (or an adapter folder)
+    step: Optional[int] = None  # use output_dir/checkpoint-<step>; None = the final adapter in path
+    scale: float = 1.0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One schema per entry point
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class EmbedsConfig:
+    """scripts/save_embeds.py: CLIP image embeddings of every train image of each class."""
+
+    output_dir: str = MISSING
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    split: Optional[str] = None  # None = data.train_split
+    batch_size: int = 16
+    overwrite: bool = False
+
+
+@dataclass
+class EditConfig:
+    """kandinsky_eval.py: counterfactual edits of every eval image towards the other class."""
+
+    output_dir: str = MISSING
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    embeds_dir: str = MISSING  # written by scripts/save_embeds.py
+    compute_missing_embeds: bool = False  # True: embed the train split here for classes embeds_dir lacks
+    num_images: Optional[int] = None  # class means over the first num_images train embeddings; None = all
+    directions: List[List[str]] = field(default_factory=list)  # [[source, target], ...]; empty = both ways, 2 classes
+    num_inference_steps: int = 100  # T
+    guidance_scale: float = 4.0  # g, classifier-free guidance between the null and the edited embedding
+    inversion: InversionCond = InversionCond.null
+    inversion_guidance: float = 1.0  # only with inversion: source
+    eta: List[float] = field(default_factory=lambda: [2.0])  # manipulation scale(s)
+    search: SearchMode = SearchMode.first_flip
+    t_skips: List[float] = field(default_factory=lambda: [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
+    t_skip: float = 0.7  # search: fixed
+    batch_size: int = 4
+    save_attempts: bool = False
+    oracle_dir: Optional[str] = None  # a classifier ensemble folder (scripts/train_classifiers.py)
+    lpips: bool = True
+    lora: LoraRef = field(default_factory=LoraRef)
+
+
+@dataclass
+class LoraTrainConfig:
+    """kandinsky_lora_train.py: LoRA domain tuning of the decoder UNet."""
+
+    output_dir: str = MISSING
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rank: int = 4
+    alpha: float = 8.0
+    target_modules: List[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
+    )
+    learning_rate: float = 4.3e-4  # the LR used, unscaled (the authors' effective value at batch 32)
+    train_batch_size: int = 32
+    max_train_steps: int = 2000
+    checkpointing_steps: int = 100
+
+
+@dataclass
+class ClassifierConfig:
+    """scripts/train_classifiers.py: the oracle ensemble."""
+
+    output_dir: str = MISSING
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    architectures: List[str] = field(default_factory=lambda: ["resnet18", "efficientnet_b0", "mobilenet_v2"])
+    pretrained: bool = True
+    image_size: int = 224
+    batch_size: int = 32
+    epochs: int = 10
+    learning_rate: float = 1e-3
+    patience: int = 5
+    val_fraction: float = 0.1
+    max_train_per_class: Optional[int] = 1000
+    device: str = "auto"
+
+
+SCHEMAS: Dict[str, type] = {
+    "edit": EditConfig,
+    "lora": LoraTrainConfig,
+    "embeds": EmbedsConfig,
+    "classifier": ClassifierConfig,
+}
+
+C = TypeVar("C")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------------------------------
+def _valid_keys(schema: type, dotted: str) -> List[str]:
+    """The field names at the level of ``dotted`` (a.b.c) in a dataclass schema."""
+    cls: Any = schema
+    for part in dotted.split(".")[:-1]:
+        cls = typing.get_type_hints(cls).get(part) if dataclasses.is_dataclass(cls) else None
+    return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+
+
+def _explain(err: OmegaConfBaseException, schema: type, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    msg = str(err).splitlines()[0]
+    if isinstance(err, ConfigKeyError):
+        valid = _valid_keys(schema, str(key))
+        leaf = str(key).split(".")[-1]
+        close = difflib.get_close_matches(leaf, valid, n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        return ConfigError(
+            f"{source}: unknown config key '{key}'.{hint} Valid keys here: {', '.join(valid) or '(none)'}."
+        )
+    return ConfigError(f"{source}: bad value for '{key}': {msg}")
+
+
+def load_config(schema: Type[C], config_path: Optional[str], overrides: Sequence[str] = ()) -> C:
+    """Merge schema defaults <- YAML file <- ``key.sub=value`` overrides, validate, return the typed object.
+
+    Raises ConfigError (naming the file and key) on an unknown key, a wrong type, a missing required value or a value
+    that fails :func:`validate`.
+    """
+    base = OmegaConf.structured(schema)
+    layers: List[Any] = []
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (pass --config_path pointing at a YAML file in configs/)")
+        try:
+            layers.append((str(path), OmegaConf.load(path)))
+        except Exception as err:  # yaml syntax errors come in many types
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+    if overrides:
+        try:
+            layers.append(("command-line overrides", OmegaConf.from_dotlist(list(overrides))))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"command-line overrides: {err}") from err
+    cfg: DictConfig = base
+    for source, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as err:
+            raise _explain(err, schema, source) from err
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"{config_path or 'config'}: required key(s) not set: {', '.join(missing)} "
+            f"(set them in the YAML or as key=value on the command line)"
+        )
+    obj = OmegaConf.to_object(cfg)
+    validate(obj, source=str(config_path or "config"))
+    return obj  # type: ignore[return-value]
+
+
+def validate(cfg: Any, source: str = "config") -> None:
+    """Value checks that types alone cannot express. Raises ConfigError naming the key."""
+
+    def need(cond: bool, key: str, what: str) -> None:
+        if not cond:
+            raise ConfigError(f"{source}: '{key}' {what}")
+
+    if hasattr(cfg, "data"):
+        d = cfg.data
+        need(d.num_samples is None or d.num_samples > 0, "data.num_samples", "must be a positive integer or null")
+        need(len(d.background) == 3 and all(0 <= v <= 255 for v in d.background), "data.background",
+             "must be three integers in 0..255 (RGB)")
+        need(len(set(d.classes)) == len(d.classes), "data.classes", f"has duplicates: {d.classes}")
+        for cls in d.file_lists:
+            need(not d.classes or cls in d.classes, f"data.file_lists.{cls}", f"names a class not in data.classes {d.classes}")
+        from datasets.registry import DATASETS  # the data layer is plain python; importing it loads no model
+
+        if d.name not in DATASETS:
+            close = difflib.get_close_matches(d.name, list(DATASETS), n=3)
+            raise ConfigError(
+                f"{source}: 'data.name' = '{d.name}' is not a known dataset"
+                f"{' (did you mean ' + ', '.join(close) + '?)' if close else ''}. Known: {', '.join(DATASETS)}"
+            )
+    for key in ("batch_size", "train_batch_size"):
+        if hasattr(cfg, key):
+            need(getattr(cfg, key) > 0, key, "must be > 0")
+    if hasattr(cfg, "model"):
+        dev = cfg.model.device
+        need(dev in ("auto", "cpu", "mps") or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit()),
+             "model.device", f"= '{dev}' must be auto, cpu, cuda, cuda:N or mps")
+        need(cfg.model.image_size is None or cfg.model.image_size > 0, "model.image_size", "must be > 0 or null")
+    if isinstance(cfg, EditConfig):
+        need(cfg.num_inference_steps > 0, "num_inference_steps", "must be > 0")
+        need(len(cfg.t_skips) > 0, "t_skips", "must list at least one value")
+        for t in list(cfg.t_skips) + [cfg.t_skip]:
+            need(0.0 <= t <= 1.0, "t_skips / t_skip", f"values must lie in [0, 1], got {t}")
+        need(len(cfg.eta) > 0, "eta", "must list at least one value")
+        for pair in cfg.directions:
+            need(len(pair) == 2 and pair[0] != pair[1], "directions", f"entries must be [source, target], got {pair}")
+        need(cfg.search in (SearchMode.fixed, SearchMode.sweep) or cfg.oracle_dir is not None, "oracle_dir",
+             f"must be set for search: {cfg.search.value} (or use search: fixed)")
+        need(cfg.num_images is None or cfg.num_images > 0, "num_images", "must be > 0 or null")
+        need(cfg.lora.step is None or cfg.lora.path is not None, "lora.step", "needs lora.path")
+
+
+def parse_args(schema: Type[C], argv: Optional[Sequence[str]] = None, description: str = "") -> C:
+    """``--config_path FILE [key.sub=value ...]`` -> validated config; exits with status 2 and a clear message."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config_path", required=True, help="YAML file (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the YAML")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(schema, args.config_path, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Stamping run folders
+# --------------------------------------------------------------------------------------------------------------------
+_STAMPED_PACKAGES = (
+    "torch", "torchvision", "diffusers", "transformers", "peft", "accelerate", "omegaconf", "open_clip_torch",
+    "safetensors", "pillow", "numpy", "lpips", "scikit-learn",
+)
+
+
+def git_commit() -> Optional[str]:
+    """The repository's HEAD commit (with '-dirty' when the tree has changes), or None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> Dict[str, Optional[str]]:
+    out: Dict[str, Optional[str]] = {}
+    for name in _STAMPED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def stamp_run_dir(cfg: Any, output_dir: Optional[str] = None) -> Path:
+    """Create the run folder and write config.yaml (resolved) and run_info.json (seed, git commit, versions, argv).
+
+    A resumed run keeps the first stamp's config.yaml when it is identical and refuses a different one, so a folder
+    never mixes results of two configs.
+    """
+    out = Path(output_dir or cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = to_yaml(cfg)
+    cfg_file = out / "config.yaml"
+    if cfg_file.exists() and cfg_file.read_text() != text:
+        old = OmegaConf.to_container(OmegaConf.create(cfg_file.read_text()))
+        new = OmegaConf.to_container(OmegaConf.create(text))
+        diff = sorted(_diff_keys(old, new))
+        allowed = {"batch_size", "overwrite", "data.num_workers", "model.device", "model.dtype"}
+        if set(diff) - allowed:
+            raise ConfigError(
+                f"{cfg_file} was written by a different config (keys differ: {', '.join(diff)}). "
+                f"Use a new output_dir, or delete {out} to start over."
+            )
+    atomic_write_text(cfg_file, text)
+    info = {
+        "seed": getattr(cfg, "seed", None),
+        "git_commit": git_commit(),
+        "argv": sys.argv,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": package_versions(),
+    }
+    atomic_write_text(out / "run_info.json", json.dumps(info, indent=2))
+    return out
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> List[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys: List[str] = []
+        for k in set(a) | set(b):
+            keys += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return keys
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,47 @@
+"""Glue between the typed ``DataConfig`` and the model-agnostic ``datasets`` package."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import List, Optional
+
+from torch.utils.data import DataLoader
+
+from datasets.folder import ImageRecord, ImageRecordDataset, build_records, collate_skip_bad
+from datasets.registry import get_spec, resolve_classes
+from diffusion.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+
+def prepare_root(d: DataConfig) -> Path:
+    """The dataset root; the ``digits`` entry writes scikit-learn's digits there on first use (offline, seconds)."""
+    root = Path(d.root)
+    if d.name == "digits":
+        from datasets.digits import export_digits
+
+        export_digits(root)
+    return root
+
+
+def dataset_classes(d: DataConfig) -> List[str]:
+    """Class names in label order: data.classes, else the registry entry's, else the sorted train-split folders."""
+    return list(resolve_classes(get_spec(d.name), prepare_root(d), d.train_split, list(d.classes)))
+
+
+def split_records(d: DataConfig, split: str, classes: Optional[List[str]] = None,
+                  use_file_lists: bool = False) -> List[ImageRecord]:
+    """Records of ``split`` (sorted, capped at data.num_samples per class); the per-class file lists of
+    data.file_lists select the images when ``use_file_lists`` (the images to edit)."""
+    classes = classes or dataset_classes(d)
+    lists = {c: d.file_lists[c] for c in classes if c in d.file_lists} if use_file_lists else None
+    return build_records(prepare_root(d), split, classes, num_samples=d.num_samples, file_lists=lists)
+
+
+def make_loader(records: List[ImageRecord], d: DataConfig, size: int, batch_size: int) -> DataLoader:
+    """Ordered batches of dicts (pixel_values (B, 3, size, size) in [0, 1], label, index, path); unreadable files
+    stop the run (on_bad_file: error) or are dropped with a warning (skip)."""
+    dataset = ImageRecordDataset(records, size=size, background=tuple(d.background), on_bad_file=d.on_bad_file.value)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=d.num_workers,
+                      collate_fn=collate_skip_bad)

@@ -1,0 +1,241 @@
+"""One batch of images through encode -> invert -> t_skip search -> decode, and the Oracle protocol.
+
+For every image (with its source embedding e and the class means mu_s, mu_t) and every eta:
+  1. w_0 = MoVQ(x); ws, zs = edit-friendly inversion (once per image, shared by all its attempts and etas);
+  2. e' = ||e|| (e/||e|| + eta (mu_t - mu_s));
+  3. for t_skip chosen by the search: sample from ws[T_skip] with zs and CFG g between c_0 and e'; decode.
+Attempts of different images, etas and t_skips share one UNet batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Protocol, Sequence
+
+import torch
+
+from diffusion.config import EditConfig, InversionCond, SearchMode
+from diffusion.embeddings import edit_embedding
+from diffusion.inversion import (
+    Schedule, cfg_eps, draw_forward_noise, edit_friendly_noise_maps, forward_noise, make_schedule, sample, step_index,
+)
+from diffusion.models import Decoder
+
+log = logging.getLogger(__name__)
+
+
+class Oracle(Protocol):
+    """Anything that maps images to class probabilities; ``classes`` names the columns."""
+
+    classes: Sequence[str]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, len(classes)) probabilities."""
+        ...
+
+
+def ddpm_schedule(scheduler, num_inference_steps: int) -> Schedule:
+    """The decoder scheduler's T-step spacing (its own ``timestep_spacing`` / ``steps_offset``) and alphas_cumprod.
+
+    After the last step a_{t'} = alphas_cumprod[0] (one more step down to t = 0): sigma stays > 0 there, so the
+    stored noise maps reconstruct w_0 exactly.
+    """
+    sched = type(scheduler).from_config(scheduler.config)
+    sched.set_timesteps(num_inference_steps)
+    return make_schedule(sched.alphas_cumprod, sched.timesteps, final_alpha=float(sched.alphas_cumprod[0]))
+
+
+@dataclass
+class Inversion:
+    ws: torch.Tensor  # (T + 1, B, C, h, w)
+    zs: torch.Tensor  # (T, B, C, h, w)
+    evals: int  # UNet evaluations per image
+
+
+@dataclass
+class Attempt:
+    image: int  # index in the batch
+    eta: float
+    t_skip: float
+    latent: Optional[torch.Tensor] = None
+    picture: Optional[torch.Tensor] = None  # decoded, (3, H, W) in [0, 1]
+    probs: Optional[torch.Tensor] = None  # oracle probabilities (K,)
+    evals: int = 0
+
+
+@dataclass
+class EditOutcome:
+    """The chosen edit of one (image, eta), with every attempt that led to it."""
+
+    image: int
+    eta: float
+    chosen: Attempt
+    attempts: List[Attempt] = field(default_factory=list)
+    flipped: Optional[bool] = None
+
+    @property
+    def sampling_evals(self) -> int:
+        return sum(a.evals for a in self.attempts)
+
+
+class Search:
+    """Which t_skip to try next for one (image, eta), given what was tried; ``t_skips`` ordered mildest first.
+
+    first_flip: linear, stop at the first flip. bisect: binary search for the first flipping index, valid when
+    flipping is monotone in edit strength (about log2(n) attempts instead of up to n).
+    """
+
+    def __init__(self, mode: SearchMode, n: int):
+        self.mode, self.n = mode, n
+        self.lo, self.hi = 0, n  # the first flipping index lies in [lo, hi]; hi = n: none known yet
+        self.tried: Dict[int, bool] = {}
+
+    def next(self) -> Optional[int]:
+        if self.mode == SearchMode.first_flip:
+            if any(self.tried.values()) or len(self.tried) == self.n:
+                return None
+            return len(self.tried)
+        if self.lo >= self.hi:
+            return None
+        return (self.lo + self.hi) // 2
+
+    def record(self, index: int, flipped: bool) -> None:
+        self.tried[index] = flipped
+        if flipped:
+            self.hi = index
+        else:
+            self.lo = index + 1
+
+    def chosen(self) -> int:
+        """The first flipping index found, else the strongest edit tried."""
+        flips = [i for i, f in self.tried.items() if f]
+        return min(flips) if flips else max(self.tried)
+
+
+class Editor:
+    """Holds the decoder, the schedule, c_0 and the oracle for a run; edits batches of images."""
+
+    def __init__(self, decoder: Decoder, cfg: EditConfig, null_embed: torch.Tensor, oracle: Optional[Oracle] = None):
+        self.decoder, self.cfg, self.oracle = decoder, cfg, oracle
+        self.schedule = ddpm_schedule(decoder.scheduler, cfg.num_inference_steps)
+        self.c0 = null_embed.float().reshape(1, -1)
+        self.t_skips = sorted(cfg.t_skips, reverse=True)  # mildest first
+        if list(cfg.t_skips) != self.t_skips:
+            log.info("t_skips reordered mildest first: %s", self.t_skips)
+
+    # --- network calls ------------------------------------------------------------------------------------------
+    def _eps_fn(self, cond: torch.Tensor, guidance: Optional[float], counter: torch.Tensor):
+        """eps_fn for inversion/sampling: ``cond`` (R, D) per row; CFG against c_0 when ``guidance`` is set.
+        ``counter[r]`` accumulates the UNet evaluations spent on row r."""
+        ts = self.schedule.timesteps
+
+        def fn(w: torch.Tensor, steps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            t = ts[steps].to(self.decoder.device)
+            if guidance is None:
+                counter.index_add_(0, rows, torch.ones(len(rows), dtype=counter.dtype))
+                return self.decoder.eps(w, t, cond[rows]).to(w.device)
+            n = len(rows)
+            counter.index_add_(0, rows, torch.full((n,), 2, dtype=counter.dtype))
+            embeds = torch.cat([self.c0.expand(n, -1), cond[rows]])
+            eps = self.decoder.eps(torch.cat([w, w]), torch.cat([t, t]), embeds).to(w.device)
+            return cfg_eps(eps[:n], eps[n:], guidance)
+
+        return fn
+
+    def invert(self, w0: torch.Tensor, e_src: torch.Tensor, generators: Sequence[torch.Generator]) -> Inversion:
+        """Edit-friendly inversion of a batch: independent forward noise per step (per-image generators), then the
+        noise maps under c_inv (null embedding, no CFG; or CFG on the image's own e at inversion_guidance)."""
+        B = w0.shape[0]
+        noise = draw_forward_noise(w0.shape[1:], self.schedule.T, generators, device=w0.device)
+        ws = forward_noise(w0, self.schedule, noise)
+        counter = torch.zeros(B, dtype=torch.long)
+        if self.cfg.inversion == InversionCond.null:
+            fn = self._eps_fn(self.c0.expand(B, -1), None, counter)
+        else:
+            fn = self._eps_fn(e_src.float(), self.cfg.inversion_guidance, counter)
+        zs = edit_friendly_noise_maps(ws, self.schedule, fn, chunk_size=max(1, self.cfg.batch_size * 2))
+        return Inversion(ws=ws, zs=zs, evals=int(counter[0]))
+
+    def run_attempts(self, inv: Inversion, attempts: List[Attempt], e_edit: torch.Tensor) -> None:
+        """Sample, decode and (with an oracle) classify a list of attempts in one batch; fills them in place."""
+        starts = torch.tensor([step_index(self.schedule, a.t_skip) for a in attempts])
+        image_of_row = torch.tensor([a.image for a in attempts])
+        counter = torch.zeros(len(attempts), dtype=torch.long)
+        fn = self._eps_fn(e_edit, self.cfg.guidance_scale, counter)
+        latents = sample(inv.ws, inv.zs, self.schedule, starts, fn, image_of_row=image_of_row)
+        pictures = self.decode(latents)
+        probs = self.oracle(pictures).float().cpu() if self.oracle is not None else None
+        for k, a in enumerate(attempts):
+            a.latent, a.picture, a.evals = latents[k], pictures[k], int(counter[k])
+            a.probs = probs[k] if probs is not None else None
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        out = [self.decoder.decode(latents[i:i + self.cfg.batch_size]).cpu()
+               for i in range(0, len(latents), self.cfg.batch_size)]
+        return torch.cat(out)
+
+    # --- the search -------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def edit(self, images: torch.Tensor, e_src: torch.Tensor, mu_src: torch.Tensor, mu_tgt: torch.Tensor,
+             target_index: Sequence[int], generators: Sequence[torch.Generator],
+             pred_before: Optional[torch.Tensor] = None) -> tuple[Inversion, List[EditOutcome]]:
+        """Edit a batch: images (B, 3, H, W) in [0, 1], e_src (B, D), per-image class means mu_src/mu_tgt (B, D),
+        ``target_index`` the oracle column of each image's target class, ``pred_before`` the oracle's argmax on the
+        originals. Returns the inversion and one outcome per (image, eta)."""
+        w0 = self.decoder.encode(images)
+        inv = self.invert(w0, e_src, generators)
+        etas = list(self.cfg.eta)
+        tasks = [(b, eta) for b in range(len(images)) for eta in etas]
+        e_edit = {(b, eta): edit_embedding(e_src[b:b + 1], mu_src[b], mu_tgt[b], eta)[0] for b, eta in tasks}
+        mode = self.cfg.search
+        if mode == SearchMode.fixed:
+            plan = {task: [self.cfg.t_skip] for task in tasks}
+        elif mode == SearchMode.sweep:
+            plan = {task: list(self.t_skips) for task in tasks}
+        else:
+            plan = None
+        outcomes: List[EditOutcome] = []
+        if plan is not None:  # everything known up front: one batch of attempts
+            attempts = [Attempt(b, eta, t) for (b, eta) in tasks for t in plan[(b, eta)]]
+            self._run(inv, attempts, e_edit)
+            for a in attempts:
+                outcome = EditOutcome(a.image, a.eta, chosen=a, attempts=[a])
+                outcome.flipped = self._flipped(a, target_index, pred_before)
+                outcomes.append(outcome)
+            return inv, outcomes
+        if self.oracle is None:
+            raise ValueError(f"search: {mode.value} needs an oracle (set oracle_dir) or use search: fixed")
+        searches = {task: Search(mode, len(self.t_skips)) for task in tasks}
+        tried: Dict[tuple, Dict[int, Attempt]] = {task: {} for task in tasks}
+        while True:
+            round_ = [(task, s.next()) for task, s in searches.items() if s.next() is not None]
+            if not round_:
+                break
+            attempts = [Attempt(b, eta, self.t_skips[k]) for (b, eta), k in round_]
+            self._run(inv, attempts, e_edit)
+            for ((task, k), a) in zip(round_, attempts):
+                tried[task][k] = a
+                searches[task].record(k, self._differs(a, pred_before))
+        for task in tasks:
+            chosen = tried[task][searches[task].chosen()]
+            outcome = EditOutcome(task[0], task[1], chosen=chosen, attempts=list(tried[task].values()))
+            outcome.flipped = self._flipped(chosen, target_index, pred_before)
+            outcomes.append(outcome)
+        return inv, outcomes
+
+    def _run(self, inv: Inversion, attempts: List[Attempt], e_edit: Dict[tuple, torch.Tensor]) -> None:
+        """All attempts of a round in one sampling batch (2 UNet rows each, for the two guidance branches)."""
+        self.run_attempts(inv, attempts, torch.stack([e_edit[(a.image, a.eta)] for a in attempts]))
+
+    @staticmethod
+    def _differs(a: Attempt, pred_before: Optional[torch.Tensor]) -> bool:
+        """The search's flip: the oracle's prediction on the edit differs from its prediction on the original."""
+        return bool(int(a.probs.argmax()) != int(pred_before[a.image]))
+
+    @staticmethod
+    def _flipped(a: Attempt, target_index: Sequence[int], pred_before: Optional[torch.Tensor]) -> Optional[bool]:
+        """The metric's flip: the oracle now predicts the target class (None without an oracle)."""
+        if a.probs is None:
+            return None
+        return bool(int(a.probs.argmax()) == int(target_index[a.image]))

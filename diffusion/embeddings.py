@@ -1,0 +1,122 @@
+"""Class directions in CLIP image-embedding space, and the per-class embedding files they are computed from.
+
+    mu_c = mean_i( e_i / ||e_i|| )                                   (train split of class c; not renormalised)
+    e'   = ||e|| * ( e / ||e|| + eta * (mu_target - mu_source) )     (not renormalised)
+
+Embedding files: ``<embeds_dir>/<class>.safetensors`` holds one tensor ``embeds`` (N, D) float32 with string metadata;
+``<class>.json`` beside it holds the same metadata and the list of source files, row i <-> files[i].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+EMBEDS_KEY = "embeds"
+FORMAT_VERSION = "1"
+
+
+class EmbeddingsError(ValueError):
+    """An embedding file is missing, incomplete or does not fit the model; the message says which and what to do."""
+
+
+def class_mean(embeds: torch.Tensor, num_images: Optional[int] = None) -> torch.Tensor:
+    """mu = mean over the first ``num_images`` rows of e_i / ||e_i||: (N, D) -> (D,) float32 (not renormalised)."""
+    if embeds.dim() != 2 or embeds.shape[0] == 0:
+        raise EmbeddingsError(f"expected a non-empty (N, D) embedding matrix, got shape {tuple(embeds.shape)}")
+    e = embeds[:num_images].float()
+    return (e / e.norm(dim=1, keepdim=True)).mean(dim=0)
+
+
+def edit_embedding(e: torch.Tensor, mu_source: torch.Tensor, mu_target: torch.Tensor,
+                   eta: float | torch.Tensor) -> torch.Tensor:
+    """e' = ||e|| (e/||e|| + eta (mu_target - mu_source)) for e: (B, D); eta a float or (B,). Returns (B, D) float32.
+
+    eta = 0 returns e; eta > 0 moves towards the target class, eta < 0 away from it.
+    """
+    e = e.float()
+    eta_t = torch.as_tensor(eta, dtype=torch.float32, device=e.device).reshape(-1, 1)
+    norm = e.norm(dim=1, keepdim=True)
+    direction = (mu_target - mu_source).float().to(e.device).reshape(1, -1)
+    return norm * (e / norm + eta_t * direction)
+
+
+def embeds_paths(embeds_dir: str | Path, class_name: str) -> Tuple[Path, Path]:
+    base = Path(embeds_dir)
+    return base / f"{class_name}.safetensors", base / f"{class_name}.json"
+
+
+def save_class_embeds(embeds_dir: str | Path, class_name: str, embeds: torch.Tensor, files: Sequence[str],
+                      meta: Dict[str, str], skipped: Sequence[str] = ()) -> Path:
+    """Write ``<class>.safetensors`` and ``<class>.json`` atomically (temporary files, then rename; the JSON last,
+    so a class counts as complete only when both exist)."""
+    if embeds.shape[0] != len(files):
+        raise EmbeddingsError(f"{class_name}: {embeds.shape[0]} embeddings for {len(files)} files")
+    tensor_path, json_path = embeds_paths(embeds_dir, class_name)
+    tensor_path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**{k: str(v) for k, v in meta.items()}, "class_name": class_name, "num_images": str(len(files)),
+            "embed_dim": str(embeds.shape[1]), "format_version": FORMAT_VERSION}
+    tmp = tensor_path.with_name(f".{tensor_path.name}.tmp{os.getpid()}")
+    save_file({EMBEDS_KEY: embeds.float().contiguous().cpu()}, str(tmp), metadata=meta)
+    os.replace(tmp, tensor_path)
+    tmp_json = json_path.with_name(f".{json_path.name}.tmp{os.getpid()}")
+    tmp_json.write_text(json.dumps({**meta, "files": list(files), "skipped": list(skipped)}, indent=1))
+    os.replace(tmp_json, json_path)
+    return tensor_path
+
+
+def read_class_meta(embeds_dir: str | Path, class_name: str) -> Optional[dict]:
+    """The sidecar JSON of a complete class, or None when the class has not been written (completely) yet."""
+    tensor_path, json_path = embeds_paths(embeds_dir, class_name)
+    if not (tensor_path.is_file() and json_path.is_file()):
+        return None
+    return json.loads(json_path.read_text())
+
+
+def load_class_embeds(embeds_dir: str | Path, class_name: str,
+                      expected_dim: Optional[int] = None) -> Tuple[torch.Tensor, dict]:
+    """(embeds (N, D) float32, sidecar metadata incl. ``files``); clear errors when missing or of the wrong width."""
+    tensor_path, json_path = embeds_paths(embeds_dir, class_name)
+    meta = read_class_meta(embeds_dir, class_name)
+    if meta is None:
+        found = sorted(p.name for p in Path(embeds_dir).glob("*.safetensors")) if Path(embeds_dir).is_dir() else []
+        raise EmbeddingsError(
+            f"no complete embeddings for class '{class_name}' in {embeds_dir} (need {tensor_path.name} and "
+            f"{json_path.name}; found {found or 'nothing'}). Run scripts/save_embeds.py for this dataset first."
+        )
+    with safe_open(str(tensor_path), framework="pt") as f:
+        embeds = f.get_tensor(EMBEDS_KEY).float()
+    if embeds.shape[0] != len(meta["files"]):
+        raise EmbeddingsError(f"{tensor_path}: {embeds.shape[0]} rows but {len(meta['files'])} files in "
+                              f"{json_path.name}; delete both and re-run scripts/save_embeds.py")
+    if expected_dim is not None and embeds.shape[1] != expected_dim:
+        raise EmbeddingsError(
+            f"{tensor_path}: embeddings are {embeds.shape[1]}-d but the model's image encoder gives {expected_dim}-d "
+            f"(they were made with '{meta.get('model')}'). Re-run scripts/save_embeds.py with the same model.prior "
+            "as the editing run."
+        )
+    return embeds, meta
+
+
+def load_class_means(embeds_dir: str | Path, classes: Sequence[str], expected_dim: Optional[int] = None,
+                     num_images: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """mu_c for each class from its embedding file (first ``num_images`` rows, in the file's sorted order)."""
+    return {c: class_mean(load_class_embeds(embeds_dir, c, expected_dim)[0], num_images) for c in classes}
+
+
+def mean_geometry(means: Dict[str, torch.Tensor]) -> List[dict]:
+    """Distance and cosine between every pair of class means: a guide for choosing eta."""
+    names = list(means)
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            ma, mb = means[a], means[b]
+            out.append({"a": a, "b": b, "distance": float((ma - mb).norm()),
+                        "cosine": float(torch.nn.functional.cosine_similarity(ma, mb, dim=0))})
+    return out

@@ -1,0 +1,89 @@
+"""scripts/save_embeds.py's work: the CLIP image embedding of every image of a split, one file per class."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusion.config import EmbedsConfig
+from diffusion.data import dataset_classes, make_loader, split_records
+from diffusion.embeddings import EmbeddingsError, read_class_meta, save_class_embeds
+from diffusion.models import ImageEncoder, decoder_image_size, load_image_encoder
+
+log = logging.getLogger(__name__)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _is_complete(meta: dict, expected: Dict[str, str], candidates: List[str], where: Path) -> bool:
+    """True when an existing class file was made from the same model, split and files; an existing file made from
+    something else is an error rather than a silent reuse or a silent overwrite."""
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            raise EmbeddingsError(
+                f"{where}: was written with {key} = '{meta.get(key)}', this run has '{value}'. "
+                "Set overwrite: true to recompute it, or use another output_dir."
+            )
+    return sorted(meta["files"] + meta.get("skipped", [])) == sorted(candidates)
+
+
+def embed_class(encoder: ImageEncoder, cfg: EmbedsConfig, records, image_size: int, desc: str):
+    """(embeds (N, D), files kept, files skipped) for one class, batched, in the records' order."""
+    loader = make_loader(records, cfg.data, image_size, cfg.batch_size)
+    rows, kept = [], []
+    for batch in tqdm(loader, desc=desc, unit="batch"):
+        if batch is None:
+            continue
+        rows.append(encoder.embed(batch["pixel_values"]).cpu())
+        kept += list(batch["path"])
+    if not rows:
+        raise EmbeddingsError(f"{desc}: no readable image (see the warnings above)")
+    skipped = sorted({str(r.path) for r in records} - set(kept))
+    return torch.cat(rows), kept, skipped
+
+
+def save_embeddings(cfg: EmbedsConfig, encoder: Optional[ImageEncoder] = None) -> Dict[str, Path]:
+    """Embed every image of ``cfg.split`` (default the train split) of every class into ``output_dir/<class>``.
+
+    Complete classes are skipped unless ``overwrite``; files are written atomically, so a run that is interrupted
+    resumes at the class it was on. ``encoder``: an already loaded image encoder to use (else loaded on demand).
+    """
+    split = cfg.split or cfg.data.train_split
+    classes = dataset_classes(cfg.data)
+    root = Path(cfg.data.root)
+    out = Path(cfg.output_dir)
+    records_all = split_records(cfg.data, split, classes)  # listed (and checked) before any model loads
+    size = decoder_image_size(cfg.model)
+    written: Dict[str, Path] = {}
+    for c in classes:
+        records = [r for r in records_all if r.class_name == c]
+        candidates = [_relative(r.path, root) for r in records]
+        meta = read_class_meta(out, c)
+        expected = {"model": cfg.model.prior, "split": split}
+        if meta is not None and not cfg.overwrite and _is_complete(meta, expected, candidates, out / f"{c}.json"):
+            log.info("class %s: complete (%d images), skipped; overwrite=true recomputes it", c, len(meta["files"]))
+            written[c] = out / f"{c}.safetensors"
+            continue
+        if encoder is None:
+            encoder = load_image_encoder(cfg.model)
+            log.info("image encoder %s: %d-d embeddings, device %s, dtype %s", cfg.model.prior, encoder.embed_dim,
+                     encoder.device, encoder.dtype)
+        embeds, kept, skipped = embed_class(encoder, cfg, records, size, desc=f"embed {c}")
+        for path in skipped:
+            log.warning("class %s: skipped unreadable %s", c, path)
+        written[c] = save_class_embeds(
+            out, c, embeds, [_relative(Path(p), root) for p in kept],
+            meta={**expected, "data_root": str(root), "dataset": cfg.data.name},
+            skipped=[_relative(Path(p), root) for p in skipped],
+        )
+        log.info("class %s: %d embeddings -> %s", c, len(kept), written[c])
+    return written
