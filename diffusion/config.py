@@ -167,21 +167,57 @@ class LoraTrainConfig:
 
 @dataclass
 class ClassifierConfig:
-    """scripts/train_classifiers.py: the oracle ensemble."""
+    """scripts/train_classifiers.py: the evaluation oracle of one binary domain, written to ``output_dir`` (the folder
+    kandinsky_eval.py's ``oracle_dir`` points at). ``kind: ensemble`` trains one CNN per entry of ``architectures``;
+    ``kind: clip_probe`` trains a logistic-regression head on frozen open_clip image features instead (an oracle
+    independent of the CNNs; give it its own output_dir). Both train on ``data.train_split`` minus a seeded
+    validation share, and report accuracy on ``data.eval_split`` (the images that get edited) only as a test set.
+    Modes are Literal types (OmegaConf validates them like enums), so the schema needs nothing outside itself.
+    """
 
     output_dir: str = MISSING
-    seed: int = 0
+    seed: int = 0  # the validation split, weight init, shuffling and augmentation
     data: DataConfig = field(default_factory=DataConfig)
-    architectures: List[str] = field(default_factory=lambda: ["resnet18", "efficientnet_b0", "mobilenet_v2"])
-    pretrained: bool = True
-    image_size: int = 224
+    kind: typing.Literal["ensemble", "clip_probe"] = "ensemble"
+    architectures: List[typing.Literal["resnet18", "efficientnet_b0", "mobilenet_v2"]] = field(
+        default_factory=lambda: ["resnet18", "efficientnet_b0", "mobilenet_v2"]
+    )  # kind: ensemble
+    pretrained: bool = True  # kind: ensemble; ImageNet init from torchvision (downloaded once); false = random init
+    image_size: int = 224  # kind: ensemble; the CNNs' input size (clip_probe uses the CLIP model's own size)
+    clip_model: str = "ViT-B-32"  # kind: clip_probe; an open_clip model name
+    clip_pretrained: Optional[str] = "laion2b_s34b_b79k"  # kind: clip_probe; open_clip tag or file; null = random (tests)
     batch_size: int = 32
-    epochs: int = 10
-    learning_rate: float = 1e-3
-    patience: int = 5
-    val_fraction: float = 0.1
-    max_train_per_class: Optional[int] = 1000
-    device: str = "auto"
+    epochs: int = 10  # at most; early stopping on the validation loss usually ends sooner
+    learning_rate: float = 1e-3  # Adam
+    patience: int = 5  # epochs without a better validation loss before stopping
+    val_fraction: float = 0.1  # of each class's train images (at most max_train_per_class of them), at least one
+    max_train_per_class: Optional[int] = 1000  # null = every train image not in the validation split
+    device: str = "auto"  # auto = cuda when available, else cpu; or cpu, cuda, cuda:N, mps
+
+    def __post_init__(self) -> None:
+        """Checks that types alone cannot express; runs when load_config builds the object, before any model loads."""
+
+        def need(cond: bool, key: str, what: str) -> None:
+            if not cond:
+                raise ConfigError(f"classifier config: '{key}' {what}")
+
+        need(len(self.architectures) > 0, "architectures", "must name at least one architecture")
+        need(len(set(self.architectures)) == len(self.architectures), "architectures",
+             f"has duplicates: {list(self.architectures)} (one checkpoint per architecture)")
+        need(self.image_size > 0, "image_size", "must be > 0")
+        need(self.epochs > 0, "epochs", "must be > 0")
+        need(self.patience > 0, "patience", "must be > 0")
+        need(self.learning_rate > 0, "learning_rate", "must be > 0")
+        need(0.0 < self.val_fraction < 1.0, "val_fraction", f"= {self.val_fraction} must lie strictly between 0 and 1")
+        need(self.max_train_per_class is None or self.max_train_per_class > 0, "max_train_per_class",
+             "must be > 0 or null")
+        need(self.data.train_split != self.data.eval_split, "data.eval_split",
+             f"= '{self.data.eval_split}' is also the train split: the test images must not be trained on")
+        need(len(self.data.classes) in (0, 2), "data.classes",
+             f"= {list(self.data.classes)}: the oracle is binary, name exactly two classes (or none for the dataset's)")
+        dev = self.device
+        need(dev in ("auto", "cpu", "mps", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()), "device",
+             f"= '{dev}' must be auto, cpu, cuda, cuda:N or mps")
 
 
 SCHEMAS: Dict[str, type] = {

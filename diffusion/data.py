@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import List, Optional
@@ -17,12 +18,16 @@ log = logging.getLogger(__name__)
 
 def prepare_root(d: DataConfig) -> Path:
     """The dataset root; the ``digits`` entry writes scikit-learn's digits there on first use (offline, seconds)."""
-    root = Path(d.root)
     if d.name == "digits":
-        from datasets.digits import export_digits
+        _export_digits_once(str(Path(d.root).resolve()))
+    return Path(d.root)
 
-        export_digits(root)
-    return root
+
+@functools.lru_cache(maxsize=None)
+def _export_digits_once(root: str) -> None:
+    from datasets.digits import export_digits
+
+    export_digits(root)
 
 
 def dataset_classes(d: DataConfig) -> List[str]:

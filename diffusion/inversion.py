@@ -15,7 +15,11 @@ spaced schedule (a_{t'} = final alpha after the last step), eta_DDPM = 1:
     mu_t             = sqrt(a_{t'}) x0_hat + sqrt(1 - a_{t'} - sigma_t^2) eps
     w_{t'}           = mu_t + sigma_t z_t
 
-All schedule arithmetic is float32 whatever the model dtype.
+The schedule and the latent trajectory (w_t, z_t, every update) are kept in float64 (float32 where the device has
+no float64, e.g. MPS), whatever the model dtype: the network sees its own dtype, but the arithmetic around it adds no
+rounding of its own, so sampling back with the inversion's own conditioning retraces the stored w_t to the bit and
+the reconstruction is exact even in float32/bf16 models (in float32 arithmetic a random network amplified rounding
+to ~1e-3 over 100 guided steps).
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ class Schedule:
     """The T-step spaced DDPM schedule. ``timesteps[i]`` is t_{i+1}; index 0 is the noisiest step."""
 
     timesteps: torch.Tensor  # (T,) long, strictly decreasing
-    alpha: torch.Tensor  # (T,) float32, a_t
-    alpha_prev: torch.Tensor  # (T,) float32, a_{t'}
+    alpha: torch.Tensor  # (T,) float64, a_t
+    alpha_prev: torch.Tensor  # (T,) float64, a_{t'}
 
     @property
     def T(self) -> int:
@@ -42,7 +46,7 @@ class Schedule:
 
     @property
     def sigma(self) -> torch.Tensor:
-        """sigma_t = sqrt((1 - a_{t'}) / (1 - a_t) * (1 - a_t / a_{t'})), (T,) float32 (eta_DDPM = 1)."""
+        """sigma_t = sqrt((1 - a_{t'}) / (1 - a_t) * (1 - a_t / a_{t'})), (T,) float64 (eta_DDPM = 1)."""
         a, ap = self.alpha, self.alpha_prev
         return ((1 - ap) / (1 - a) * (1 - a / ap)).clamp_min(0).sqrt()
 
@@ -56,7 +60,12 @@ def make_schedule(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, final_a
     ac = alphas_cumprod.double().cpu()
     alpha = ac[ts]
     alpha_prev = torch.cat([ac[ts[1:]], torch.tensor([float(final_alpha)], dtype=torch.float64)])
-    return Schedule(timesteps=ts, alpha=alpha.float(), alpha_prev=alpha_prev.float())
+    return Schedule(timesteps=ts, alpha=alpha, alpha_prev=alpha_prev)
+
+
+def math_dtype(device: torch.device | str) -> torch.dtype:
+    """float64 for the latent trajectory, except on devices without it (MPS: float32)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 def step_index(schedule: Schedule, t_skip: float) -> int:
@@ -85,12 +94,12 @@ def draw_forward_noise(shape: Sequence[int], T: int, generators: Sequence[torch.
 def forward_noise(w0: torch.Tensor, schedule: Schedule, noise: torch.Tensor) -> torch.Tensor:
     """w_t = sqrt(a_t) w_0 + sqrt(1 - a_t) eps_t with an independent eps_t per step.
 
-    w0: (B, C, H, W); noise: (T, B, C, H, W). Returns ws: (T + 1, B, C, H, W) float32 with ws[i] = w_{t_{i+1}} and
-    ws[T] = w_0 (the latent "after" the last step).
+    w0: (B, C, H, W); noise: (T, B, C, H, W). Returns ws: (T + 1, B, C, H, W) in :func:`math_dtype` with
+    ws[i] = w_{t_{i+1}} and ws[T] = w_0 (the latent "after" the last step).
     """
-    w0 = w0.float()
-    a = schedule.alpha.to(w0.device).view(-1, 1, 1, 1, 1)
-    ws = a.sqrt() * w0.unsqueeze(0) + (1 - a).sqrt() * noise.to(w0.device)
+    w0 = w0.to(math_dtype(w0.device))
+    a = schedule.alpha.to(w0.device, w0.dtype).view(-1, 1, 1, 1, 1)
+    ws = a.sqrt() * w0.unsqueeze(0) + (1 - a).sqrt() * noise.to(w0.device, w0.dtype)
     return torch.cat([ws, w0.unsqueeze(0)], dim=0)
 
 
@@ -104,6 +113,7 @@ def posterior_mean(w_t: torch.Tensor, eps: torch.Tensor, schedule: Schedule, ste
     """mu_t = sqrt(a_{t'}) x0_hat + sqrt(1 - a_{t'} - sigma_t^2) eps, per row at schedule index ``step`` (N,)."""
     a, ap, s = schedule.alpha[step], schedule.alpha_prev[step], schedule.sigma[step]
     direction = (1 - ap - s**2).clamp_min(0).sqrt()
+    eps = eps.to(w_t.dtype)
     return _bc(ap.sqrt(), w_t) * predict_x0(w_t, eps, a) + _bc(direction, w_t) * eps
 
 
@@ -112,7 +122,7 @@ def edit_friendly_noise_maps(ws: torch.Tensor, schedule: Schedule, eps_fn: EpsFn
 
     ws: (T + 1, B, C, H, W) from :func:`forward_noise`. Because every w_t was drawn independently from w_0, the T
     network calls do not depend on one another: they are batched ``chunk_size`` latents at a time, across steps and
-    images. Steps with sigma_t = 0 get z_t = 0. Returns zs: (T, B, C, H, W) float32.
+    images. Steps with sigma_t = 0 get z_t = 0. Returns zs: (T, B, C, H, W) in ws's dtype.
     """
     T, B = schedule.T, ws.shape[1]
     sigma = schedule.sigma
@@ -152,7 +162,7 @@ def sample(ws: torch.Tensor, zs: torch.Tensor, schedule: Schedule, start: torch.
         steps = torch.full_like(rows, i)
         eps = eps_fn(w[rows], steps, rows)
         mu = posterior_mean(w[rows], eps, schedule, steps)
-        w[rows] = mu + sigma[i].to(mu.device) * zs[i, img[rows]]
+        w[rows] = mu + sigma[i].to(mu.device, mu.dtype) * zs[i, img[rows]]
     return w
 
 

@@ -1,18 +1,19 @@
-"""Metrics of an editing run: LPIPS and pixel L2 per edit, and the run summary.
+"""Metrics of an editing run: LPIPS and pixel L2 per edit, the run summary, and a table comparing runs.
 
-Definitions (see README, "Metrics"):
+Definitions (METHOD.md, "Evaluation protocol"):
 - flip rate = flipped / ALL attempted (image, direction, eta) rows, overall and per direction; an unflipped image
-  counts in the denominator;
+  counts in the denominator (dividing by the flipped images only would always give 100%);
 - LPIPS (AlexNet, inputs in [-1, 1]) and pixel L2 between the original (as the model saw it) and the chosen edit,
   averaged over flipped rows;
-- the distribution of the chosen t_skip, UNet evaluations and seconds per image.
+- the distribution of the chosen t_skip (all rows, and flipped rows only), UNet evaluations and seconds per image.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Dict, Iterable, List, Optional
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -68,6 +69,29 @@ def _mean(values: Iterable[Optional[float]]) -> Optional[float]:
     return sum(vals) / len(vals) if vals else None
 
 
+def _judged(rows: Sequence[Dict[str, str]]) -> bool:
+    """Whether an oracle judged the rows (a run without one leaves ``flipped`` empty)."""
+    return any(r.get("flipped") not in (None, "") for r in rows)
+
+
+def _is_flip(row: Dict[str, str]) -> bool:
+    return row.get("flipped") == "1"
+
+
+def flip_rate(rows: Sequence[Dict[str, str]]) -> Optional[float]:
+    """Flipped rows / ALL rows; None when no oracle judged them. A row left without a verdict in a judged run counts
+    as not flipped: it was attempted."""
+    if not rows or not _judged(rows):
+        return None
+    return sum(_is_flip(r) for r in rows) / len(rows)
+
+
+def t_skip_histogram(rows: Iterable[Dict[str, str]]) -> Dict[str, int]:
+    """{t_skip: rows}, strongest t_skip (largest) first."""
+    counts = Counter(float(r["t_skip"]) for r in rows)
+    return {f"{t:g}": counts[t] for t in sorted(counts, reverse=True)}
+
+
 def _evals_per_image(rows: List[Dict[str, str]]) -> Optional[float]:
     """UNet evaluations per image: each image's inversion once, plus the sampling of every row (eta) it has."""
     inversion: Dict[str, float] = {}
@@ -79,35 +103,90 @@ def _evals_per_image(rows: List[Dict[str, str]]) -> Optional[float]:
     return (sum(inversion.values()) + sampling) / len(inversion) if inversion else None
 
 
+def _group_summary(rows: List[Dict[str, str]]) -> Dict[str, object]:
+    flips = [r for r in rows if _is_flip(r)]
+    return {
+        "n": len(rows),
+        "n_flipped": len(flips),
+        "flip_rate": flip_rate(rows),
+        "lpips_mean": _mean(_f(r.get("lpips")) for r in flips),
+        "l2_mean": _mean(_f(r.get("l2")) for r in flips),
+        "t_skip_mean": _mean(_f(r.get("t_skip")) for r in rows),
+        "t_skip_mean_flipped": _mean(_f(r.get("t_skip")) for r in flips),
+    }
+
+
 def summarize(rows: List[Dict[str, str]]) -> Dict[str, object]:
     """The run summary from results rows (as read back from results.csv)."""
-    flipped_known = [r for r in rows if r.get("flipped") not in (None, "")]
-    flipped = [r for r in flipped_known if r["flipped"] == "1"]
+    flipped = [r for r in rows if _is_flip(r)]
     directions: Dict[str, List[Dict[str, str]]] = {}
     for r in rows:
         directions.setdefault(f"{r['source_class']}->{r['target_class']}", []).append(r)
-    per_direction = {}
-    for name, rs in sorted(directions.items()):
-        known = [r for r in rs if r.get("flipped") not in (None, "")]
-        flips = [r for r in known if r["flipped"] == "1"]
-        per_direction[name] = {
-            "n": len(rs),
-            "flip_rate": len(flips) / len(known) if known else None,
-            "lpips_mean": _mean(_f(r.get("lpips")) for r in flips),
-            "l2_mean": _mean(_f(r.get("l2")) for r in flips),
-        }
     images = {r["source_path"] for r in rows}
     return {
         "n_images": len(images),
         "n_rows": len(rows),
         "n_flipped": len(flipped),
-        "flip_rate": len(flipped) / len(flipped_known) if flipped_known else None,
+        "n_unjudged": sum(r.get("flipped") in (None, "") for r in rows) if _judged(rows) else 0,
+        "flip_rate": flip_rate(rows),
         "lpips_mean": _mean(_f(r.get("lpips")) for r in flipped),
         "l2_mean": _mean(_f(r.get("l2")) for r in flipped),
         "l2_mean_all": _mean(_f(r.get("l2")) for r in rows),
-        "t_skip_histogram": dict(sorted(Counter(f"{float(r['t_skip']):g}" for r in rows).items(), reverse=True)),
+        "t_skip_histogram": t_skip_histogram(rows),
+        "t_skip_histogram_flipped": t_skip_histogram(flipped),
         "t_skip_mean": _mean(_f(r.get("t_skip")) for r in rows),
+        "t_skip_mean_flipped": _mean(_f(r.get("t_skip")) for r in flipped),
         "unet_evals_per_image": _evals_per_image(rows),
         "seconds_per_image": (sum(_f(r.get("seconds")) or 0 for r in rows) / len(images)) if images else None,
-        "per_direction": per_direction,
+        "per_direction": {name: _group_summary(rs) for name, rs in sorted(directions.items())},
     }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Comparing runs
+# --------------------------------------------------------------------------------------------------------------------
+def load_run_rows(run_dir: str | Path) -> List[Dict[str, str]]:
+    """The rows of an editing run folder, read-only: results.csv plus any shard rows it lacks (a run still going or
+    interrupted before the merge), one row per key.
+
+    Raises:
+        FileNotFoundError: the folder holds neither results.csv nor shards/results.*.csv.
+    """
+    from diffusion.results import read_rows, row_key
+
+    run_dir = Path(run_dir)
+    sources = [run_dir / "results.csv", *sorted((run_dir / "shards").glob("results.*.csv"))]
+    if not any(p.is_file() for p in sources):
+        raise FileNotFoundError(f"{run_dir} holds no results.csv (nor shards/results.*.csv): is it the output_dir of "
+                                "a kandinsky_eval.py run?")
+    by_key: Dict[Tuple[str, ...], Dict[str, str]] = {}
+    for source in sources:
+        for row in read_rows(source):
+            by_key.setdefault(row_key(row), row)
+    return [by_key[k] for k in sorted(by_key)]
+
+
+def _cell(value: Optional[float], digits: int = 3, percent: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}%" if percent else f"{value:.{digits}f}"
+
+
+def comparison_table(runs: Sequence[Tuple[str, Dict[str, object], str]]) -> str:
+    """One markdown table, a row per ``(name, summary, settings)``: images, rows, flip rate (overall and per
+    direction), mean LPIPS and L2 of the flipped edits, mean t_skip, UNet evaluations and seconds per image."""
+    header = ("| run | settings | images | rows | flip rate | flip rate per direction | LPIPS (flipped) | "
+              "L2 (flipped) | mean t_skip | mean t_skip (flipped) | UNet evals / image | s / image |")
+    lines = [header, "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, s, settings in runs:
+        per_dir = s.get("per_direction", {})
+        directions = ", ".join(f"{d} {_cell(v['flip_rate'], percent=True)} ({v['n_flipped']}/{v['n']})"
+                               for d, v in per_dir.items())  # type: ignore[union-attr]
+        lines.append(
+            f"| {name} | {settings} | {s['n_images']} | {s['n_rows']} | "
+            f"{_cell(s['flip_rate'], percent=True)} ({s['n_flipped']}/{s['n_rows']}) | {directions} | "
+            f"{_cell(s['lpips_mean'], 4)} | {_cell(s['l2_mean'], 4)} | {_cell(s['t_skip_mean'], 3)} | "
+            f"{_cell(s['t_skip_mean_flipped'], 3)} | {_cell(s['unet_evals_per_image'], 1)} | "
+            f"{_cell(s['seconds_per_image'], 2)} |"
+        )
+    return "\n".join(lines)
