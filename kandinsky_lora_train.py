@@ -1,16 +1,30 @@
 """LoRA domain tuning of the Kandinsky 2.2 decoder UNet (MoVQ and the image encoder stay frozen).
 
     python kandinsky_lora_train.py --config_path configs/lora/<dataset>.yaml [key=value ...]
-    accelerate launch --num_processes N kandinsky_lora_train.py --config_path ...
+    accelerate launch --num_processes N kandinsky_lora_train.py --config_path ...      (data-parallel on N GPUs)
+    torchrun --nproc_per_node N kandinsky_lora_train.py --config_path ...             (also several CPU processes)
+
+Writes output_dir/{config.yaml, run_info.json, checkpoint-<step>/, pytorch_lora_weights.safetensors, validation/};
+resume_from_checkpoint=latest continues a stopped run. Edit with the adapter: lora.path=<output_dir> [lora.step=N].
 """
+
+import logging
+import sys
 
 from diffusion.cli import run
 from diffusion.config import LoraTrainConfig
 
+log = logging.getLogger("diffusion")
+
 
 def main(cfg: LoraTrainConfig) -> None:
-    raise SystemExit("kandinsky_lora_train.py: training is not implemented yet (see the domain-tuning issue); "
-                     "the config parsed and validated fine.")
+    from diffusion.training import CheckpointError, train_lora
+
+    try:
+        train_lora(cfg)
+    except CheckpointError as err:
+        log.error("%s", err)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

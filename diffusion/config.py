@@ -148,21 +148,80 @@ class EditConfig:
 
 @dataclass
 class LoraTrainConfig:
-    """kandinsky_lora_train.py: LoRA domain tuning of the decoder UNet."""
+    """kandinsky_lora_train.py: LoRA domain tuning of the decoder UNet (MoVQ and the image encoder stay frozen).
+
+    Objective: epsilon MSE on the first latent channels of the UNet output, t ~ U{0 .. num_train_timesteps - 1},
+    noise added to the image's MoVQ latent w_0 with DDPMScheduler.add_noise, conditioned on the same image's CLIP
+    embedding. Writes output_dir/{config.yaml, run_info.json, checkpoint-<step>/, pytorch_lora_weights.safetensors,
+    validation/}. Modes are Literal types (OmegaConf validates them like enums); value checks are in __post_init__.
+    """
 
     output_dir: str = MISSING
-    seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 0  # LoRA init, data order, noise and timesteps (each step's draws derive from seed and step)
+    model: ModelConfig = field(default_factory=ModelConfig)  # model.dtype auto = the mixed_precision dtype
+    data: DataConfig = field(default_factory=DataConfig)  # trains on data.train_split of data.classes
+    # the adapter (PEFT LoraConfig, gaussian init)
     rank: int = 4
-    alpha: float = 8.0
+    alpha: float = 8.0  # the LoRA update is scaled by alpha / rank
     target_modules: List[str] = field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
     )
-    learning_rate: float = 4.3e-4  # the LR used, unscaled (the authors' effective value at batch 32)
-    train_batch_size: int = 32
-    max_train_steps: int = 2000
-    checkpointing_steps: int = 100
+    # the optimisation: AdamW, constant LR after an optional linear warmup
+    learning_rate: float = 4.3e-4  # the LR used, never rescaled (authors: 3e-3 x batch 32 x 1 GPU / 224 = 4.29e-4)
+    lr_warmup_steps: int = 0  # LR ramps linearly from learning_rate / lr_warmup_steps to learning_rate
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    max_grad_norm: Optional[float] = 1.0  # clip the global L2 norm of the LoRA gradients; null = no clipping
+    train_batch_size: int = 32  # images per process and micro-step
+    gradient_accumulation_steps: int = 1  # total batch = train_batch_size x processes x gradient_accumulation_steps
+    max_train_steps: int = 2000  # optimizer updates; raise it and resume to train on
+    mixed_precision: typing.Literal["no", "fp16", "bf16"] = "no"  # autocast; LoRA weights always stay float32
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
+    allow_tf32: bool = True  # TF32 matmuls and convolutions on CUDA (no effect elsewhere)
+    augment_flip: bool = False  # random horizontal flips; MoVQ latents are then computed every step (no cache)
+    cache_dir: Optional[str] = None  # MoVQ latents + CLIP embeddings, keyed by model and data; null = output_dir/cache
+    # checkpoints: output_dir/checkpoint-<step>/ (adapter + optimizer, LR schedule, RNG, step), written atomically
+    checkpointing_steps: int = 100  # also written at the last step
+    checkpoints_total_limit: Optional[int] = None  # keep only the newest N checkpoints; null = keep all
+    resume_from_checkpoint: Optional[str] = None  # "latest" (newest in output_dir, or start fresh if none) or a path
+    # validation: fixed held-out images of data.eval_split, sampled from noise with their own embedding
+    validation_steps: Optional[int] = None  # every N steps (and at step 0 and the end); null = no validation
+    num_validation_images: int = 4
+    validation_inference_steps: int = 50
+    validation_guidance_scale: float = 4.0  # classifier-free guidance against the null embedding
+    report_to: typing.Literal["none", "tensorboard", "wandb"] = "none"  # loss, LR and validation grids
+
+    def __post_init__(self) -> None:
+        """Checks that types alone cannot express; runs when load_config builds the object, before any model loads."""
+
+        def need(cond: bool, key: str, what: str) -> None:
+            if not cond:
+                raise ConfigError(f"lora config: '{key}' {what}")
+
+        need(self.rank > 0, "rank", "must be > 0")
+        need(self.alpha > 0, "alpha", "must be > 0")
+        need(len(self.target_modules) > 0, "target_modules", "must name at least one module (e.g. to_q)")
+        need(self.learning_rate > 0, "learning_rate", "must be > 0")
+        need(self.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0")
+        need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1 / adam_beta2", "must lie in [0, 1)")
+        need(self.adam_weight_decay >= 0 and self.adam_epsilon > 0, "adam_weight_decay / adam_epsilon",
+             "must be >= 0 / > 0")
+        need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0 or null")
+        need(self.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be > 0")
+        need(self.max_train_steps > 0, "max_train_steps", "must be > 0")
+        need(self.checkpointing_steps > 0, "checkpointing_steps", "must be > 0")
+        need(self.checkpoints_total_limit is None or self.checkpoints_total_limit > 0, "checkpoints_total_limit",
+             "must be > 0 or null")
+        need(self.validation_steps is None or self.validation_steps > 0, "validation_steps", "must be > 0 or null")
+        need(self.num_validation_images > 0, "num_validation_images", "must be > 0")
+        need(self.validation_inference_steps > 0, "validation_inference_steps", "must be > 0")
+        need(self.resume_from_checkpoint != "", "resume_from_checkpoint", "must be latest, a path or null")
+        half = {DType.float16: "fp16", DType.bfloat16: "bf16"}.get(self.model.dtype)
+        need(half is None or half == self.mixed_precision, "model.dtype",
+             f"= {self.model.dtype.value} needs mixed_precision: {half} (frozen weights may be half precision only "
+             "under autocast); or set model.dtype: auto, which follows mixed_precision")
 
 
 @dataclass

@@ -95,7 +95,8 @@ def run_edits(cfg: EditConfig, oracle: Optional[Oracle] = None) -> Optional[Dict
     """The whole editing run; returns the summary on the main process (None on the others)."""
     from accelerate import PartialState
 
-    state = PartialState()
+    # cpu=True lets torchrun/accelerate start several CPU processes (gloo) on a machine without CUDA
+    state = PartialState(cpu=resolve_device(cfg.model.device).type == "cpu")
     classes = dataset_classes(cfg.data)
     items = plan_items(cfg, classes)  # lists and checks the data before any model loads
     out = Path(cfg.output_dir)

@@ -41,7 +41,8 @@ def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float, target_modules
     module_names = [name for name, _ in unet.named_modules()]
     missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in module_names)]
     if missing:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in module_names if n.rsplit(".", 1)[-1].startswith(("to_", "add_"))})
+        leaves = sorted({leaf for leaf in (n.rsplit(".", 1)[-1] for n in module_names)
+                         if leaf.startswith(("to_", "add_"))})
         raise ConfigError(
             f"target_modules {missing} match no layer of this decoder UNet; its attention projections are "
             f"{', '.join(leaves) or '(none)'} (the output projection is to_out.0)"
@@ -109,7 +110,7 @@ def adapter_dir(path: str | Path, step: Optional[int] = None) -> Path:
     base = Path(path)
     folder = base / f"checkpoint-{step}" if step is not None else base
     if not (folder / WEIGHTS_NAME).is_file():
-        found = sorted(p.name for p in base.glob("checkpoint-*") if not p.name.endswith(".tmp")) if base.is_dir() else []
+        found = sorted(p.name for p in base.glob("checkpoint-*") if (p / WEIGHTS_NAME).is_file()) if base.is_dir() else []
         raise ConfigError(
             f"lora: no {WEIGHTS_NAME} in {folder}. "
             + (f"Checkpoints found in {base}: {', '.join(found)} (set lora.step to one of their numbers)."

@@ -166,27 +166,52 @@ def load_run_rows(run_dir: str | Path) -> List[Dict[str, str]]:
     return [by_key[k] for k in sorted(by_key)]
 
 
-def _cell(value: Optional[float], digits: int = 3, percent: bool = False) -> str:
-    if value is None:
-        return "-"
-    return f"{100 * value:.1f}%" if percent else f"{value:.{digits}f}"
+def run_settings(run_dir: str | Path) -> str:
+    """The settings that tell editing runs apart, from the run's config.yaml: search, eta, guidance, T, inversion,
+    LoRA (path and step) and oracle folder; '' when the folder has no config.yaml."""
+    from omegaconf import OmegaConf
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return ""
+    c = OmegaConf.to_container(OmegaConf.load(path))
+    lora = c.get("lora") or {}
+    parts = [f"{c.get('search')}", f"eta={c.get('eta')}", f"g={c.get('guidance_scale')}",
+             f"T={c.get('num_inference_steps')}", f"inversion={c.get('inversion')}"]
+    if c.get("search") == "fixed":
+        parts.append(f"t_skip={c.get('t_skip')}")
+    if lora.get("path"):
+        parts.append(f"lora={lora['path']}" + (f"@{lora['step']}" if lora.get("step") is not None else ""))
+    if c.get("oracle_dir"):
+        parts.append(f"oracle={c['oracle_dir']}")
+    return " ".join(parts).replace("|", "/")
+
+
+def _cell(value: Optional[float], digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _rate(rate: Optional[float], flipped: int, n: int) -> str:
+    return "-" if rate is None else f"{100 * rate:.1f}% ({flipped}/{n})"
 
 
 def comparison_table(runs: Sequence[Tuple[str, Dict[str, object], str]]) -> str:
     """One markdown table, a row per ``(name, summary, settings)``: images, rows, flip rate (overall and per
     direction), mean LPIPS and L2 of the flipped edits, mean t_skip, UNet evaluations and seconds per image."""
-    header = ("| run | settings | images | rows | flip rate | flip rate per direction | LPIPS (flipped) | "
-              "L2 (flipped) | mean t_skip | mean t_skip (flipped) | UNet evals / image | s / image |")
-    lines = [header, "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| run | settings | images | rows | flip rate | flip rate per direction | LPIPS (flipped) | L2 (flipped) | "
+        "mean t_skip | mean t_skip (flipped) | UNet evals / image | s / image |",
+        "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for name, s, settings in runs:
-        per_dir = s.get("per_direction", {})
-        directions = ", ".join(f"{d} {_cell(v['flip_rate'], percent=True)} ({v['n_flipped']}/{v['n']})"
-                               for d, v in per_dir.items())  # type: ignore[union-attr]
+        per_dir: Dict[str, Dict[str, object]] = s["per_direction"]  # type: ignore[assignment]
+        directions = "; ".join(f"{d}: {_rate(v['flip_rate'], v['n_flipped'], v['n'])}"  # type: ignore[arg-type]
+                               for d, v in per_dir.items())
         lines.append(
             f"| {name} | {settings} | {s['n_images']} | {s['n_rows']} | "
-            f"{_cell(s['flip_rate'], percent=True)} ({s['n_flipped']}/{s['n_rows']}) | {directions} | "
-            f"{_cell(s['lpips_mean'], 4)} | {_cell(s['l2_mean'], 4)} | {_cell(s['t_skip_mean'], 3)} | "
-            f"{_cell(s['t_skip_mean_flipped'], 3)} | {_cell(s['unet_evals_per_image'], 1)} | "
+            f"{_rate(s['flip_rate'], s['n_flipped'], s['n_rows'])} | {directions} | "  # type: ignore[arg-type]
+            f"{_cell(s['lpips_mean'], 4)} | {_cell(s['l2_mean'], 4)} | {_cell(s['t_skip_mean'])} | "
+            f"{_cell(s['t_skip_mean_flipped'])} | {_cell(s['unet_evals_per_image'], 1)} | "
             f"{_cell(s['seconds_per_image'], 2)} |"
         )
     return "\n".join(lines)

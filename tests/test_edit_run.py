@@ -1,0 +1,131 @@
+"""The editing run end to end on the tiny model: outputs, resumption, the oracle path, and 2 processes = 1."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffusion.edit_run as edit_run
+from diffusion.config import EditConfig, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _overrides(tmp_path, tiny_model, data_root, **over):
+    base = {"output_dir": tmp_path / "run", "embeds_dir": tmp_path / "embeds", "compute_missing_embeds": "true",
+            "model.decoder": tiny_model / "decoder", "model.prior": tiny_model / "prior", "model.device": "cpu",
+            "data.root": data_root, "num_inference_steps": 10, "search": "fixed", "t_skip": 0.6, "batch_size": 2,
+            "lpips": "false"}
+    base.update(over)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _cfg(*args, **kw) -> EditConfig:
+    return load_config(EditConfig, None, _overrides(*args, **kw))
+
+
+def _rows(run_dir):
+    with open(Path(run_dir) / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_fixed_run_writes_every_output(tmp_path, tiny_model, blob_data):
+    cfg = _cfg(tmp_path, tiny_model, blob_data, eta="[1,2]")
+    summary = edit_run.run_edits(cfg)
+    rows = _rows(cfg.output_dir)
+    assert len(rows) == 6 * 2  # 3 test images per class, 2 etas
+    assert {(r["source_class"], r["target_class"]) for r in rows} == {("class_a", "class_b"), ("class_b", "class_a")}
+    for r in rows:
+        for key in ("original_path", "counterfactual_path", "pair_path"):
+            assert (Path(cfg.output_dir) / r[key]).is_file()
+        assert int(r["unet_evals"]) == 10 + 2 * 4 and r["flipped"] == "" and float(r["l2"]) > 0
+    saved = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
+    assert saved["n_images"] == 6 and saved["t_skip_histogram"] == {"0.6": 12}
+    assert saved["unet_evals_per_image"] == 10 + 2 * 2 * 4  # one inversion, two etas of 4 guided steps
+    assert summary["n_rows"] == 12
+    for name in ("config.yaml", "run_info.json"):
+        assert (Path(cfg.output_dir) / name).is_file()
+
+
+def test_resume_after_interruption_writes_each_row_once(tmp_path, tiny_model, blob_data, monkeypatch):
+    cfg = _cfg(tmp_path, tiny_model, blob_data)
+    real = edit_run._edit_batch
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C during the second batch
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(edit_run, "_edit_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        edit_run.run_edits(cfg)
+    monkeypatch.setattr(edit_run, "_edit_batch", lambda *a, **k: calls.append(2) or real(*a, **k))
+    edit_run.run_edits(cfg)
+    assert calls.count(2) == 2  # 6 images in batches of 2: the finished first batch is not redone
+    rows = _rows(cfg.output_dir)
+    assert len(rows) == 6 and len({r["source_path"] for r in rows}) == 6
+    edit_run.run_edits(cfg)  # a third run finds everything done
+    assert calls.count(2) == 2 and len(_rows(cfg.output_dir)) == 6
+
+
+class FakeOracle:
+    """Predicts class_b for images whose mean red channel is below a threshold (deterministic, image-based)."""
+
+    classes = ("class_a", "class_b")
+
+    def __call__(self, images):
+        p = (images[:, 0].mean(dim=(1, 2)) < 0.9).float()
+        return torch.stack([1 - p, p], dim=1)
+
+
+def test_first_flip_run_reports_flip_rate_over_all_images(tmp_path, tiny_model, blob_data):
+    cfg = _cfg(tmp_path, tiny_model, blob_data, search="first_flip", oracle_dir="unused", t_skips="[0.9,0.5,0.0]")
+    summary = edit_run.run_edits(cfg, oracle=FakeOracle())
+    rows = _rows(cfg.output_dir)
+    flipped = sum(r["flipped"] == "1" for r in rows)
+    assert summary["flip_rate"] == pytest.approx(flipped / len(rows))
+    for r in rows:
+        assert r["oracle_prob_before"] != "" and r["oracle_prob_after"] != ""
+        assert 1 <= int(r["attempts"]) <= 3
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_rows_as_one(tmp_path, tiny_model, blob_data):
+    """torchrun --nproc_per_node 2 (gloo, CPU) splits the images; the merged results equal a 1-process run."""
+    one = _cfg(tmp_path / "one", tiny_model, blob_data)
+    edit_run.run_edits(one)
+    args = _overrides(tmp_path / "two", tiny_model, blob_data, embeds_dir=tmp_path / "one" / "embeds")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "kandinsky_eval.py", "--config_path", str(REPO / "configs/edit/demo.yaml"), *args,
+           "data.classes=[class_a,class_b]", "data.name=folder", "data.num_samples=null"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shards = sorted((tmp_path / "two" / "run" / "shards").glob("results.*.csv"))
+    assert len(shards) == 2
+    a, b = _rows(one.output_dir), _rows(tmp_path / "two" / "run")
+    assert [r["source_path"] for r in a] == [r["source_path"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["seed"] == rb["seed"] and ra["t_skip"] == rb["t_skip"]
+        assert float(ra["l2"]) == pytest.approx(float(rb["l2"]), abs=1e-3)
+
+
+@pytest.mark.slow
+def test_demo_command_runs_as_documented(tmp_path):
+    """The README's main command (with its outputs redirected to a temporary folder)."""
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "kandinsky_eval.py", "--config_path", "configs/edit/demo.yaml", f"output_dir={out}/edit",
+           f"embeds_dir={out}/embeds", f"data.root={out}/digits"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "edit" / "summary.json").read_text())
+    assert summary["n_images"] > 0
+    assert len(_rows(out / "edit")) == summary["n_rows"]

@@ -1,0 +1,103 @@
+"""scripts/save_embeds.py's work end to end: mixed image modes, rows equal the encoder's output, resumption."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datasets.images import load_image, resize
+from diffusion.config import EmbedsConfig, load_config
+from diffusion.embeddings import EmbeddingsError, load_class_embeds
+from diffusion.models import load_image_encoder
+import diffusion.precompute as precompute
+
+
+def _mixed_folder(root):
+    """train/{a,b}: RGB, L, RGBA, P, I;16, .npy and (in b) a corrupt file."""
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        d = root / "train" / cls
+        d.mkdir(parents=True)
+        rgb = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(d / "1_rgb.png")
+        Image.fromarray(rgb[..., 0]).save(d / "2_grey.png")
+        Image.fromarray(np.dstack([rgb, np.full((20, 20), 128, np.uint8)])).save(d / "3_rgba.png")
+        Image.fromarray(rgb).convert("P").save(d / "4_palette.png")
+        Image.fromarray(rng.integers(0, 65535, (20, 20)).astype(np.uint16)).save(d / "5_grey16.png")
+        np.save(d / "6_array.npy", rng.normal(size=(20, 20)).astype(np.float32))
+    (root / "train" / "b" / "7_corrupt.png").write_bytes(b"not an image at all")
+
+
+def _config(tmp_path, tiny_model, data_root, **over) -> EmbedsConfig:
+    overrides = [f"output_dir={tmp_path / 'embeds'}", f"model.decoder={tiny_model / 'decoder'}",
+                 f"model.prior={tiny_model / 'prior'}", "model.device=cpu", f"data.root={data_root}",
+                 "batch_size=4"] + [f"{k}={v}" for k, v in over.items()]
+    return load_config(EmbedsConfig, None, overrides)
+
+
+def test_mixed_modes_one_row_per_readable_image(tmp_path, tiny_model):
+    root = tmp_path / "data"
+    _mixed_folder(root)
+    cfg = _config(tmp_path, tiny_model, root, **{"data.on_bad_file": "skip"})
+    precompute.save_embeddings(cfg)
+    encoder = load_image_encoder(cfg.model)
+    for cls, n in (("a", 6), ("b", 6)):
+        embeds, meta = load_class_embeds(cfg.output_dir, cls, expected_dim=32)
+        assert embeds.shape == (n, 32) and len(meta["files"]) == n
+        assert meta["split"] == "train" and meta["model"] == str(tiny_model / "prior")
+        # row i is the encoder's output for files[i], loaded and resized as the editing run does (64 px)
+        pixels = torch.stack([resize(load_image(root / f), 64) for f in meta["files"]])
+        assert torch.allclose(embeds, encoder.embed(pixels), atol=1e-5)
+    side = json.loads((tmp_path / "embeds" / "b.json").read_text())
+    assert side["skipped"] == ["train/b/7_corrupt.png"]
+
+
+def test_corrupt_file_without_skip_names_the_file(tmp_path, tiny_model):
+    root = tmp_path / "data"
+    _mixed_folder(root)
+    with pytest.raises(Exception, match="7_corrupt.png"):
+        precompute.save_embeddings(_config(tmp_path, tiny_model, root))
+
+
+def test_resume_skips_complete_classes_and_redoes_missing_ones(tmp_path, tiny_model, blob_data, monkeypatch):
+    cfg = _config(tmp_path, tiny_model, blob_data)
+    precompute.save_embeddings(cfg)
+    first = {c: load_class_embeds(cfg.output_dir, c)[0] for c in ("class_a", "class_b")}
+    calls = []
+    real = precompute.embed_class
+    monkeypatch.setattr(precompute, "embed_class", lambda *a, **k: calls.append(k["desc"]) or real(*a, **k))
+    precompute.save_embeddings(cfg)
+    assert calls == []  # everything complete: nothing recomputed
+    (tmp_path / "embeds" / "class_b.json").unlink()  # as if interrupted before class_b finished
+    precompute.save_embeddings(cfg)
+    assert calls == ["embed class_b"]
+    again = {c: load_class_embeds(cfg.output_dir, c)[0] for c in ("class_a", "class_b")}
+    assert all(torch.equal(first[c], again[c]) for c in first)  # deterministic
+    precompute.save_embeddings(load_config(EmbedsConfig, None, [*_args(cfg), "overwrite=true"]))
+    assert calls == ["embed class_b", "embed class_a", "embed class_b"]
+
+
+def _args(cfg):
+    return [f"output_dir={cfg.output_dir}", f"model.decoder={cfg.model.decoder}", f"model.prior={cfg.model.prior}",
+            "model.device=cpu", f"data.root={cfg.data.root}"]
+
+
+def test_existing_file_from_another_model_is_not_silently_reused(tmp_path, tiny_model, blob_data):
+    cfg = _config(tmp_path, tiny_model, blob_data)
+    precompute.save_embeddings(cfg)
+    meta = json.loads((tmp_path / "embeds" / "class_a.json").read_text())
+    meta["model"] = "someone/else"
+    (tmp_path / "embeds" / "class_a.json").write_text(json.dumps(meta))
+    with pytest.raises(EmbeddingsError, match="overwrite"):
+        precompute.save_embeddings(cfg)
+
+
+def test_missing_class_folder_lists_what_was_found(tmp_path, tiny_model, blob_data):
+    cfg = _config(tmp_path, tiny_model, blob_data, **{"data.classes": "[class_a,class_c]"})
+    with pytest.raises(FileNotFoundError) as err:
+        precompute.save_embeddings(cfg)
+    assert "class_c" in str(err.value) and "class_b" in str(err.value)
