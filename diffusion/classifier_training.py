@@ -82,6 +82,31 @@ def split_train_val(records: Sequence[ImageRecord], val_fraction: float, max_tra
     return train, val
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
+                          device: torch.device) -> None:
+    """Recompute every BatchNorm's running mean/var as the exact average over ``batches`` at the current weights
+    ("precise BN"). Why: from random init, the variances of a deep CNN start far below the running_var of 1 and
+    the running averages lag the moving weights for many steps; in eval mode the activations then shrink layer by
+    layer to ~1e-9 (EfficientNet-B0, MobileNet-V2), so validation (and early stopping) would see a constant net.
+    Only the BatchNorm layers run in train mode here; dropout and stochastic depth stay off."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+        m.train()
+    for x, _ in batches:
+        if len(x) > 1:
+            model(x.to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
+
+
 @dataclass
 class FitResult:
     best_state: Dict[str, torch.Tensor]
@@ -108,10 +133,13 @@ def evaluate_logits(model: nn.Module, batches: Batches, device: torch.device) ->
 
 def fit(model: nn.Module, params: Iterable[nn.Parameter], train_batches: Callable[[int], Iterable],
         val_batches: Batches, epochs: int, patience: int, learning_rate: float, device: torch.device,
-        desc: str, state_of: Callable[[], Dict[str, torch.Tensor]]) -> FitResult:
+        desc: str, state_of: Callable[[], Dict[str, torch.Tensor]],
+        calibration_batches: Optional[Batches] = None) -> FitResult:
     """BCE on one logit with Adam; keeps the state (``state_of()``, copied to the CPU) of the epoch with the lowest
     validation loss and stops after ``patience`` epochs without a lower one. ``train_batches(epoch)`` gives that
-    epoch's (inputs, labels) batches; a batch of one image is skipped (BatchNorm cannot train on it)."""
+    epoch's (inputs, labels) batches; a batch of one image is skipped (BatchNorm cannot train on it). With
+    ``calibration_batches`` (un-augmented training images), the BatchNorm statistics are recomputed on them after
+    every epoch (:func:`recalibrate_batchnorm`), so validation and the saved weights use exact statistics."""
     optimiser = torch.optim.Adam(params, lr=learning_rate)
     best: Optional[FitResult] = None
     since_best = 0
@@ -129,6 +157,8 @@ def fit(model: nn.Module, params: Iterable[nn.Parameter], train_batches: Callabl
             loss.backward()
             optimiser.step()
             loss_sum, n = loss_sum + loss.item() * len(y), n + len(y)
+        if calibration_batches is not None:
+            recalibrate_batchnorm(model, calibration_batches(), device)
         val_loss, val_acc = evaluate_logits(model, val_batches, device)
         history.append({"epoch": epoch, "train_loss": loss_sum / max(1, n), "val_loss": val_loss,
                         "val_accuracy": val_acc})
@@ -214,7 +244,8 @@ def train_cnn(architecture: str, data: OracleData, cfg: ClassifierConfig, device
 
     result = fit(member, member.parameters(), train_batches,
                  lambda: image_batches(data.val, cfg, cfg.image_size), cfg.epochs, cfg.patience, cfg.learning_rate,
-                 device, architecture, member.weights)
+                 device, architecture, member.weights,
+                 calibration_batches=lambda: image_batches(data.train, cfg, cfg.image_size))
     member.load_weights(result.best_state)
     info = MemberInfo(architecture, list(data.classes), cfg.image_size, list(IMAGENET_MEAN), list(IMAGENET_STD),
                       val_accuracy=result.val_accuracy, extra=_provenance(cfg, data, result, pretrained=cfg.pretrained))

@@ -103,6 +103,16 @@ class LoraRef:
     scale: float = 1.0
 
 
+@dataclass
+class ViewsConfig:
+    """The teaching views of an editing run (flicker GIFs, interpolation strips, difference maps, index/quiz pages)."""
+
+    enabled: bool = True
+    strip_etas: List[float] = field(default_factory=lambda: [-1.0, 0.0, 1.0, 1.5, 2.0])  # one shared inversion
+    strip_t_skip: float = 0.7
+    gif_frame_ms: int = 700  # flicker GIF: time each frame is shown
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # One schema per entry point
 # --------------------------------------------------------------------------------------------------------------------
@@ -144,6 +154,7 @@ class EditConfig:
     oracle_dir: Optional[str] = None  # a classifier ensemble folder (scripts/train_classifiers.py)
     lpips: bool = True
     lora: LoraRef = field(default_factory=LoraRef)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
 
 
 @dataclass
@@ -389,7 +400,7 @@ def validate(cfg: Any, source: str = "config") -> None:
     if isinstance(cfg, EditConfig):
         need(cfg.num_inference_steps > 0, "num_inference_steps", "must be > 0")
         need(len(cfg.t_skips) > 0, "t_skips", "must list at least one value")
-        for t in list(cfg.t_skips) + [cfg.t_skip]:
+        for t in list(cfg.t_skips) + [cfg.t_skip, cfg.views.strip_t_skip]:
             need(0.0 <= t <= 1.0, "t_skips / t_skip", f"values must lie in [0, 1], got {t}")
         need(len(cfg.eta) > 0, "eta", "must list at least one value")
         for pair in cfg.directions:
@@ -398,6 +409,7 @@ def validate(cfg: Any, source: str = "config") -> None:
              f"must be set for search: {cfg.search.value} (or use search: fixed)")
         need(cfg.num_images is None or cfg.num_images > 0, "num_images", "must be > 0 or null")
         need(cfg.lora.step is None or cfg.lora.path is not None, "lora.step", "needs lora.path")
+        need(cfg.views.gif_frame_ms > 0, "views.gif_frame_ms", "must be > 0")
 
 
 def parse_args(schema: Type[C], argv: Optional[Sequence[str]] = None, description: str = "") -> C:

@@ -193,6 +193,8 @@ def _edit_batch(cfg: EditConfig, editor: Editor, encoder, means: Dict[str, torch
     inv, outcomes = editor.edit(images, e_src, mu_src, mu_tgt, target_index, generators, pred_before)
     for k, it in enumerate(items):
         save_image(images[k], out / it.out_dir / "original.png")
+    if cfg.views.enabled:
+        _save_strips(cfg, editor, inv, items, e_src, mu_src, mu_tgt, target_index)
     chosen = torch.stack([o.chosen.picture for o in outcomes])
     originals = images[[o.image for o in outcomes]]
     l2 = pixel_l2(originals, chosen)
@@ -222,6 +224,24 @@ def _edit_batch(cfg: EditConfig, editor: Editor, encoder, means: Dict[str, torch
                 save_image(att.picture, out / it.out_dir / "attempts" / f"eta{att.eta:g}_t{att.t_skip:g}.png")
         rows.append(row)
     return rows
+
+
+def _save_strips(cfg: EditConfig, editor: Editor, inv, items: List[EditItem], e_src, mu_src, mu_tgt,
+                 target_index: Optional[List[int]]) -> None:
+    """Interpolation frames over views.strip_etas at views.strip_t_skip, with the oracle's target probability."""
+    out = Path(cfg.output_dir)
+    frames = editor.interpolate(inv, e_src, mu_src, mu_tgt, cfg.views.strip_etas, cfg.views.strip_t_skip)
+    for k, it in enumerate(items):
+        mine = [a for a in frames if a.image == k]
+        for a in mine:
+            save_image(a.picture, out / it.out_dir / "strip" / f"eta{a.eta:g}.png")
+        info = {
+            "t_skip": cfg.views.strip_t_skip, "source_class": it.record.class_name, "target_class": it.target,
+            "frames": [{"eta": a.eta, "path": f"strip/eta{a.eta:g}.png",
+                        "target_prob": float(a.probs[target_index[k]]) if a.probs is not None else None}
+                       for a in mine],
+        }
+        atomic_write_text(out / it.out_dir / "strip.json", json.dumps(info, indent=1))
 
 
 def finish_run(cfg: EditConfig) -> Dict[str, object]:

@@ -224,6 +224,17 @@ class Editor:
             outcomes.append(outcome)
         return inv, outcomes
 
+    @torch.inference_mode()
+    def interpolate(self, inv: Inversion, e_src: torch.Tensor, mu_src: torch.Tensor, mu_tgt: torch.Tensor,
+                    etas: Sequence[float], t_skip: float) -> List[Attempt]:
+        """An interpolation strip per image: e' at every eta in ``etas`` (eta 0 = the image re-sampled, negative =
+        away from the target), all at one t_skip, reusing the inversion, all images and etas in one batch."""
+        attempts = [Attempt(b, float(eta), t_skip) for b in range(e_src.shape[0]) for eta in etas]
+        cond = torch.stack([edit_embedding(e_src[a.image:a.image + 1], mu_src[a.image], mu_tgt[a.image], a.eta)[0]
+                            for a in attempts])
+        self.run_attempts(inv, attempts, cond)
+        return attempts
+
     def _run(self, inv: Inversion, attempts: List[Attempt], e_edit: Dict[tuple, torch.Tensor]) -> None:
         """All attempts of a round in one sampling batch (2 UNet rows each, for the two guidance branches)."""
         self.run_attempts(inv, attempts, torch.stack([e_edit[(a.image, a.eta)] for a in attempts]))

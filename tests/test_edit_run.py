@@ -129,3 +129,18 @@ def test_demo_command_runs_as_documented(tmp_path):
     summary = json.loads((out / "edit" / "summary.json").read_text())
     assert summary["n_images"] > 0
     assert len(_rows(out / "edit")) == summary["n_rows"]
+
+
+def test_sweep_keeps_every_t_skip_and_eta_and_resumes_per_row(tmp_path, tiny_model, blob_data):
+    cfg = _cfg(tmp_path, tiny_model, blob_data, search="sweep", t_skips="[0.8,0.4]", eta="[0,2]",
+               **{"data.num_samples": 2, "views.enabled": "false"})
+    summary = edit_run.run_edits(cfg)
+    rows = _rows(cfg.output_dir)
+    assert len(rows) == 4 * 2 * 2  # 4 test images (2 per class) x 2 t_skips x 2 etas
+    assert {(r["t_skip"], r["eta"]) for r in rows} == {("0.8", "0"), ("0.8", "2"), ("0.4", "0"), ("0.4", "2")}
+    assert summary["t_skip_histogram"] == {"0.8": 8, "0.4": 8}
+    # one inversion per image serves all four attempts
+    per_image = 10 + 2 * (2 * 2 + 2 * 6)
+    assert summary["unet_evals_per_image"] == per_image
+    edit_run.run_edits(cfg)
+    assert len(_rows(cfg.output_dir)) == 16
