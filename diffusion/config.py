@@ -290,7 +290,46 @@ class ClassifierConfig:
              f"= '{dev}' must be auto, cpu, cuda, cuda:N or mps")
 
 
+@dataclass
+class MiniConfig:
+    """scripts/train_mini_model.py: a small Kandinsky-2.2-shaped model (MoVQ, CLIP image encoder, UNet, DDPM
+    scheduler) trained from scratch on the CPU, for the offline demo. Three stages, each saved when done:
+    the MoVQ autoencoder, then the image encoder (supervised-contrastive on the labels, then frozen), then the UNet
+    (epsilon MSE, conditioned on the frozen encoder's embedding with Gaussian noise added and a share replaced by c_0).
+    """
+
+    output_dir: str = MISSING  # the model folder: decoder/{unet,movq,scheduler}, prior/{image_encoder,image_processor}
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    image_size: int = 32
+    num_threads: Optional[int] = None  # torch CPU threads (the mini model trains on the CPU); null = torch's default
+    # MoVQ: three levels (latents are image_size / 4), trained as a plain autoencoder (quantiser bypassed)
+    movq_channels: int = 32
+    movq_steps: int = 450
+    movq_lr: float = 1e-3
+    latent_std_weight: float = 0.01  # keeps the latents near unit variance (there is no scaling factor)
+    # image encoder: a small CLIP vision transformer, supervised-contrastive on the labels, with augmentations that
+    # make the embedding ignore position and size (semantic but lossy, like CLIP)
+    encoder_hidden: int = 128
+    encoder_layers: int = 4
+    encoder_patch: int = 8
+    embed_dim: int = 64
+    encoder_steps: int = 600
+    encoder_lr: float = 1e-3
+    contrastive_temperature: float = 0.1
+    # UNet
+    unet_channels: List[int] = field(default_factory=lambda: [64, 128])
+    unet_steps: int = 4000
+    unet_lr: float = 5e-4
+    embed_noise: float = 0.3  # Gaussian noise of this fraction of the embedding's norm, added while the UNet trains
+    null_prob: float = 0.1  # share of embeddings replaced by c_0 (the unconditional branch of guidance)
+    batch_size: int = 64
+    save_dtype: DType = DType.float16
+    overwrite: bool = False  # retrain stages whose output already exists
+
+
 SCHEMAS: Dict[str, type] = {
+    "mini": MiniConfig,
     "edit": EditConfig,
     "lora": LoraTrainConfig,
     "embeds": EmbedsConfig,

@@ -81,6 +81,19 @@ class ImageEncoder:
         return self.model(pixel_values=zeros).image_embeds.float()
 
 
+def movq_encode(movq: VQModel, images: torch.Tensor) -> torch.Tensor:
+    """w_0 = movq.encode(2x - 1).latents for images in [0, 1]: (B, 3, H, W) -> (B, C, H/f, W/f) float32.
+    No scaling factor (Kandinsky 2.2 uses the MoVQ latents as they are)."""
+    x = images.to(movq.device, movq.dtype) * 2 - 1
+    return movq.encode(x).latents.float()
+
+
+def movq_decode(movq: VQModel, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [0, 1], float32 (the quantiser is bypassed, as the Kandinsky pipeline does)."""
+    x = movq.decode(latents.to(movq.device, movq.dtype), force_not_quantize=True).sample
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
 @dataclass
 class Decoder:
     """The Kandinsky 2.2 decoder: UNet (epsilon + learned variance), MoVQ autoencoder and the DDPM scheduler."""
@@ -112,14 +125,10 @@ class Decoder:
         return self.unet.dtype
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """w_0 = movq.encode(2x - 1).latents for images in [0, 1]: (B, 3, H, W) -> (B, C, H/f, W/f) float32."""
-        x = (images.to(self.movq.device, self.movq.dtype) * 2 - 1)
-        return self.movq.encode(x).latents.float()
+        return movq_encode(self.movq, images)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [0, 1], float32 (the quantiser is bypassed, as the Kandinsky pipeline does)."""
-        x = self.movq.decode(latents.to(self.movq.device, self.movq.dtype), force_not_quantize=True).sample
-        return ((x.float() + 1) / 2).clamp(0, 1)
+        return movq_decode(self.movq, latents)
 
     def eps(self, w: torch.Tensor, t: torch.Tensor | int, embeds: torch.Tensor) -> torch.Tensor:
         """epsilon_theta(w, t, e): the first latent_channels of the UNet output (the rest is the learned variance)."""

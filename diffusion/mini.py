@@ -1,0 +1,288 @@
+"""A small Kandinsky-2.2-shaped model trained from scratch on the CPU: the offline demo's model.
+
+Same component classes as the real model (VQModel as MoVQ, CLIPVisionModelWithProjection + CLIPImageProcessor as the
+image encoder, UNet2DConditionModel with image-embedding conditioning, DDPMScheduler), saved in the same folder layout,
+loaded by the same loader. Three stages, each written to disk when it finishes (a rerun skips finished stages):
+
+1. MoVQ: a three-level autoencoder (latents image_size / 4), quantiser bypassed, latents kept near unit variance
+   because Kandinsky applies no latent scaling factor.
+2. Image encoder: supervised-contrastive on the labels, with random shifts and scalings of both views, so the
+   embedding says *which digit* but not *where or how big*: semantic but lossy, like CLIP. Then frozen.
+3. UNet: epsilon MSE on the first latent channels, t ~ U{0..999}, conditioned on the frozen encoder's embedding with
+   Gaussian noise added (a share replaced by the null embedding c_0, the unconditional branch of guidance). The noise
+   widens p(x | e): an embedding that pins an image down leaves the edit-friendly noise maps nothing to preserve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel, VQModel
+from tqdm.auto import tqdm
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from diffusion.config import MiniConfig
+from diffusion.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, kandinsky_scheduler
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Components
+# --------------------------------------------------------------------------------------------------------------------
+def build_movq(cfg: MiniConfig) -> VQModel:
+    c = cfg.movq_channels
+    return VQModel(
+        in_channels=3, out_channels=3, latent_channels=4, vq_embed_dim=4, num_vq_embeddings=256, layers_per_block=1,
+        block_out_channels=[c, c, c], norm_type="spatial", norm_num_groups=8,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+        up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+    )
+
+
+def build_encoder(cfg: MiniConfig) -> Tuple[CLIPVisionModelWithProjection, CLIPImageProcessor]:
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=cfg.encoder_hidden, intermediate_size=cfg.encoder_hidden * 2, num_hidden_layers=cfg.encoder_layers,
+        num_attention_heads=4, image_size=cfg.image_size, patch_size=cfg.encoder_patch, projection_dim=cfg.embed_dim,
+    ))
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": cfg.image_size}, crop_size={"height": cfg.image_size, "width": cfg.image_size},
+        image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, do_convert_rgb=False,
+    )
+    return model, processor
+
+
+def build_unet(cfg: MiniConfig) -> UNet2DConditionModel:
+    ch = tuple(cfg.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=cfg.image_size // 4, in_channels=4, out_channels=8, layers_per_block=1, block_out_channels=ch,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        addition_embed_type="image", encoder_hid_dim_type="image_proj", encoder_hid_dim=cfg.embed_dim,
+        cross_attention_dim=ch[-1], attention_head_dim=32, resnet_time_scale_shift="scale_shift",
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Stage helpers
+# --------------------------------------------------------------------------------------------------------------------
+def _batches(n: int, batch: int, steps: int, gen: torch.Generator):
+    """Indices of ``steps`` batches: seeded epochs of a permutation, so a run is reproducible."""
+    perm, pos = torch.randperm(n, generator=gen), 0
+    for _ in range(steps):
+        if pos + batch > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        yield perm[pos:pos + batch]
+        pos += batch
+
+
+def _train(name: str, params, loss_fn: Callable[[torch.Tensor], torch.Tensor], n: int, cfg: MiniConfig, steps: int,
+           lr: float, gen: torch.Generator) -> Dict[str, float]:
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses, start = [], time.perf_counter()
+    bar = tqdm(_batches(n, cfg.batch_size, steps, gen), total=steps, desc=name, unit="step")
+    for idx in bar:
+        loss = loss_fn(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        if len(losses) % 25 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-25:]) / 25:.4f}")
+    tail = losses[-min(50, len(losses)):]
+    return {"steps": steps, "seconds": round(time.perf_counter() - start, 1), "loss_first": losses[0],
+            "loss_last50": sum(tail) / len(tail)}
+
+
+def _random_affine(x: torch.Tensor, gen: torch.Generator, shift: float = 0.12, scale: Tuple[float, float] = (0.85, 1.15)):
+    """Per-image random translation (fraction of the half-width) and scaling, background white."""
+    b = x.shape[0]
+    s = torch.empty(b).uniform_(*scale, generator=gen)
+    t = torch.empty(b, 2).uniform_(-shift, shift, generator=gen)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = 1 / s
+    theta[:, 1, 1] = 1 / s
+    theta[:, :, 2] = t
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return 1 - F.grid_sample(1 - x, grid, align_corners=False, padding_mode="zeros")  # pad with white
+
+
+def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020) of L2-normalised embeddings z (N, D) with labels (N,)."""
+    z = F.normalize(z, dim=1)
+    logits = z @ z.T / temperature
+    self_mask = torch.eye(len(z), dtype=torch.bool)
+    logits = logits.masked_fill(self_mask, -1e9)
+    pos = (labels[:, None] == labels[None, :]) & ~self_mask
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    return -((log_prob * pos).sum(1) / pos.sum(1).clamp_min(1)).mean()
+
+
+def _save_atomic(save: Callable[[Path], None], target: Path) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The three stages
+# --------------------------------------------------------------------------------------------------------------------
+def train_movq(cfg: MiniConfig, images: torch.Tensor, gen: torch.Generator) -> Tuple[VQModel, Dict[str, float]]:
+    """Plain autoencoder on [-1, 1] images: MSE + latent_std_weight ((std - 1)^2 + mean^2) of the latents."""
+    movq = build_movq(cfg).train()
+    x_all = images * 2 - 1
+
+    def loss_fn(idx):
+        x = x_all[idx]
+        lat = movq.encode(x).latents
+        rec = movq.decode(lat, force_not_quantize=True).sample
+        return F.mse_loss(rec, x) + cfg.latent_std_weight * ((lat.std() - 1) ** 2 + lat.mean() ** 2)
+
+    stats = _train("movq", movq.parameters(), loss_fn, len(images), cfg, cfg.movq_steps, cfg.movq_lr, gen)
+    return movq.eval(), stats
+
+
+def train_encoder(cfg: MiniConfig, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
+    """Supervised-contrastive training of the CLIP vision encoder on two randomly shifted/scaled views."""
+    model, processor = build_encoder(cfg)
+    model.train()
+
+    def embed(x):
+        pixels = processor(images=x, do_rescale=False, return_tensors="pt").pixel_values
+        return model(pixel_values=pixels).image_embeds
+
+    def loss_fn(idx):
+        x = images[idx]
+        views = torch.cat([_random_affine(x, gen), _random_affine(x, gen)])
+        return supcon_loss(embed(views), torch.cat([labels[idx], labels[idx]]), cfg.contrastive_temperature)
+
+    stats = _train("encoder", model.parameters(), loss_fn, len(images), cfg, cfg.encoder_steps, cfg.encoder_lr, gen)
+    return model.eval(), processor, stats
+
+
+def train_unet(cfg: MiniConfig, latents: torch.Tensor, embeds: torch.Tensor, c0: torch.Tensor,
+               gen: torch.Generator) -> Tuple[UNet2DConditionModel, Dict[str, float]]:
+    """Epsilon MSE with noisy embeddings (embed_noise x ||e||) and null-embedding dropout (null_prob)."""
+    unet = build_unet(cfg).train()
+    scheduler = kandinsky_scheduler()
+    n_train = scheduler.config.num_train_timesteps
+    channels = latents.shape[1]
+    d = embeds.shape[1]
+
+    def loss_fn(idx):
+        w0, e = latents[idx], embeds[idx]
+        b = len(idx)
+        e = e + cfg.embed_noise * e.norm(dim=1, keepdim=True) * torch.randn(b, d, generator=gen) / math.sqrt(d)
+        drop = torch.rand(b, generator=gen) < cfg.null_prob
+        e = torch.where(drop[:, None], c0.expand(b, -1), e)
+        t = torch.randint(0, n_train, (b,), generator=gen)
+        noise = torch.randn(w0.shape, generator=gen)
+        w_t = scheduler.add_noise(w0, noise, t)
+        pred = unet(w_t, t, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": e}).sample[:, :channels]
+        return F.mse_loss(pred, noise)
+
+    stats = _train("unet", unet.parameters(), loss_fn, len(latents), cfg, cfg.unet_steps, cfg.unet_lr, gen)
+    return unet.eval(), stats
+
+
+def nearest_mean_accuracy(train_e: torch.Tensor, train_y: torch.Tensor, test_e: torch.Tensor,
+                          test_y: torch.Tensor) -> float:
+    """Accuracy of assigning each test embedding to the nearest class mean (cosine) of the train embeddings."""
+    classes = sorted(set(train_y.tolist()))
+    means = torch.stack([F.normalize(train_e[train_y == c], dim=1).mean(0) for c in classes])
+    pred = (F.normalize(test_e, dim=1) @ F.normalize(means, dim=1).T).argmax(1)
+    return float((torch.tensor(classes)[pred] == test_y).float().mean())
+
+
+def write_report(out: Path, report: dict) -> None:
+    (out / "training_report.json").write_text(json.dumps(report, indent=2))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The whole run
+# --------------------------------------------------------------------------------------------------------------------
+def _load_split(cfg: MiniConfig, split: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    from diffusion.data import dataset_classes, make_loader, split_records
+
+    classes = dataset_classes(cfg.data)
+    loader = make_loader(split_records(cfg.data, split, classes), cfg.data, cfg.image_size, batch_size=256)
+    xs, ys = zip(*[(b["pixel_values"], b["label"]) for b in loader if b is not None])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _save_half(model, path: Path, dtype: torch.dtype) -> None:
+    import copy
+
+    copy.deepcopy(model).to(dtype).save_pretrained(path)
+
+
+def train_mini_model(cfg: MiniConfig) -> dict:
+    """Train (or resume) the three stages into cfg.output_dir; returns the training report."""
+    from diffusion.models import ImageEncoder, movq_encode, resolve_dtype
+    from diffusers import DDPMScheduler  # noqa: F401  (the saved scheduler is a DDPMScheduler)
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    out = Path(cfg.output_dir)
+    save_dtype = resolve_dtype(cfg.save_dtype, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    x_train, y_train = _load_split(cfg, cfg.data.train_split)
+    x_test, y_test = _load_split(cfg, cfg.data.eval_split)
+    log.info("mini model: %d train / %d test images at %d px, %d classes", len(x_train), len(x_test),
+             cfg.image_size, len(set(y_train.tolist())))
+    report_path = out / "training_report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() and not cfg.overwrite else {}
+    out.mkdir(parents=True, exist_ok=True)
+
+    movq_dir = out / "decoder" / "movq"
+    if movq_dir.exists() and not cfg.overwrite:
+        movq = VQModel.from_pretrained(movq_dir, torch_dtype=torch.float32).eval()
+    else:
+        movq, report["movq"] = train_movq(cfg, x_train, gen)
+        _save_atomic(lambda p: _save_half(movq, p, save_dtype), movq_dir)
+    movq.requires_grad_(False)
+    with torch.no_grad():
+        lat_test = movq_encode(movq, x_test)
+        rec = movq.decode(lat_test, force_not_quantize=True).sample
+        report.setdefault("movq", {})["test_mse_pm1"] = float(F.mse_loss(rec, x_test * 2 - 1))
+        lat_train = torch.cat([movq_encode(movq, x_train[i:i + 256]) for i in range(0, len(x_train), 256)])
+        report["movq"]["latent_std"] = float(lat_train.std())
+
+    enc_dir = out / "prior" / "image_encoder"
+    if enc_dir.exists() and not cfg.overwrite:
+        model = CLIPVisionModelWithProjection.from_pretrained(enc_dir, dtype=torch.float32).eval()
+        processor = CLIPImageProcessor.from_pretrained(out / "prior" / "image_processor")
+    else:
+        model, processor, report["encoder"] = train_encoder(cfg, x_train, y_train, gen)
+        _save_atomic(lambda p: _save_half(model, p, save_dtype), enc_dir)
+        processor.save_pretrained(out / "prior" / "image_processor")
+    encoder = ImageEncoder(model=model.requires_grad_(False), processor=processor)
+    e_train = torch.cat([encoder.embed(x_train[i:i + 256]) for i in range(0, len(x_train), 256)])
+    e_test = encoder.embed(x_test)
+    report.setdefault("encoder", {})["nearest_class_mean_accuracy_test"] = nearest_mean_accuracy(
+        e_train, y_train, e_test, y_test)
+
+    unet_dir = out / "decoder" / "unet"
+    if not unet_dir.exists() or cfg.overwrite:
+        c0 = encoder.null_embedding()
+        unet, report["unet"] = train_unet(cfg, lat_train, e_train, c0, gen)
+        _save_atomic(lambda p: _save_half(unet, p, save_dtype), unet_dir)
+        kandinsky_scheduler().save_pretrained(out / "decoder" / "scheduler")
+    report["config"] = {k: v for k, v in vars(cfg).items() if k not in ("data",)}
+    report["config"]["data"] = {"name": cfg.data.name, "root": cfg.data.root, "classes": list(cfg.data.classes)}
+    report["config"]["save_dtype"] = cfg.save_dtype.value
+    write_report(out, report)
+    return report
