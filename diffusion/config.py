@@ -76,6 +76,8 @@ class ModelConfig:
     device: str = "auto"  # auto = cuda when available, else cpu; or cpu, cuda, cuda:1, mps
     dtype: DType = DType.auto
     image_size: Optional[int] = None  # pixels; None = the UNet's sample_size x the MoVQ scale factor
+    channels_last: bool = False  # UNet in channels_last memory format (often faster on GPUs with fp16/bf16)
+    compile: bool = False  # torch.compile the UNet (after any LoRA is loaded); pays off on long GPU runs
 
 
 @dataclass

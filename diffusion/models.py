@@ -195,6 +195,16 @@ def load_decoder(cfg: ModelConfig, device: Optional[torch.device] = None,
     return Decoder(unet=unet, movq=movq, scheduler=scheduler, image_size=image_size)
 
 
+def optimize_unet(decoder: Decoder, cfg: ModelConfig) -> None:
+    """Apply model.channels_last / model.compile to the decoder UNet, in place (call after loading LoRA weights).
+
+    Attention already runs through PyTorch's scaled_dot_product_attention (diffusers' default processor)."""
+    if cfg.channels_last:
+        decoder.unet.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        decoder.unet.compile()
+
+
 def load_image_encoder(cfg: ModelConfig, device: Optional[torch.device] = None,
                        dtype: Optional[torch.dtype] = None) -> ImageEncoder:
     """The prior's CLIP image encoder and processor from ``cfg.prior`` (subfolders image_encoder/, image_processor/)."""

@@ -117,3 +117,25 @@ def test_search_state_machines(first):
             assert len(s.tried) <= 4  # ceil(log2(8)) + 1
         else:
             assert len(s.tried) == (first + 1 if first is not None else n)
+
+
+def test_bf16_model_runs_on_cpu_and_stays_close_to_fp32(tiny_model):
+    """The GPU setting dtype: bfloat16 runs through the same code; the latent math stays float64."""
+    cfg32 = ModelConfig(decoder=str(tiny_model / "decoder"), prior=str(tiny_model / "prior"), device="cpu",
+                        dtype="float32")
+    cfg16 = ModelConfig(decoder=str(tiny_model / "decoder"), prior=str(tiny_model / "prior"), device="cpu",
+                        dtype="bfloat16", channels_last=True)
+    encoder = load_image_encoder(cfg32)
+    images, e, mu_s, mu_t = _inputs(encoder, n=2)
+    pics = []
+    for mcfg in (cfg32, cfg16):
+        from diffusion.models import optimize_unet
+
+        decoder = load_decoder(mcfg)
+        optimize_unet(decoder, mcfg)
+        inv, outs = Editor(decoder, _cfg(), encoder.null_embedding()).edit(images, e, mu_s, mu_t, None, _gens(2))
+        assert inv.ws.dtype == torch.float64
+        pics.append(torch.stack([o.chosen.picture for o in outs]))
+    assert decoder.unet.dtype == torch.bfloat16
+    err = (pics[0] - pics[1]).abs().mean()
+    assert err < 0.02, float(err)  # mean pixel difference in [0, 1]
