@@ -1,0 +1,114 @@
+"""Time one LoRA training step with and without the latent/embedding cache (a benchmark, not a test).
+
+    python benchmarks/lora_step.py [--config_path configs/lora/demo.yaml] [--steps 20] [--warmup 3] [key=value ...]
+
+Same model, data, batch and objective as kandinsky_lora_train.py with that config. "no cache": each step loads its
+images, runs the MoVQ encoder and the CLIP image encoder, then the UNet forward/backward and AdamW; "cache": the
+latents and embeddings were computed once up front (their one-off cost is printed too), so a step runs only the UNet
+and AdamW. Single process; under mixed precision the steps run in autocast without a grad scaler (timing only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere, no PYTHONPATH needed
+
+import torch  # noqa: E402
+
+from diffusion.config import ConfigError, LoraTrainConfig, load_config  # noqa: E402
+
+
+def parse() -> tuple:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config_path", default="configs/lora/demo.yaml")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    args = parser.parse_args()
+    try:
+        cfg = load_config(LoraTrainConfig, args.config_path, args.overrides)
+    except ConfigError as err:
+        parser.exit(2, f"config error: {err}\n")
+    return cfg, args
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    cfg, args = parse()
+    from diffusion.data import dataset_classes, split_records
+    from diffusion.lora import add_lora
+    from diffusion.models import load_decoder, load_image_encoder, resolve_device
+    from diffusion.train_cache import Features, compute_features
+    from diffusion.training import PRECISION_DTYPES, BatchOrder, CachedBatches, LiveBatches, diffusion_loss
+
+    device = resolve_device(cfg.model.device)
+    dtype = PRECISION_DTYPES[cfg.mixed_precision]
+    decoder = load_decoder(cfg.model, device, dtype)
+    encoder = load_image_encoder(cfg.model, device, dtype)
+    records = split_records(cfg.data, cfg.data.train_split, dataset_classes(cfg.data))
+    batch = cfg.train_batch_size
+    order = BatchOrder(len(records), batch, 1, 0, cfg.seed)
+
+    sync(device)
+    start = time.perf_counter()
+    feats = compute_features(decoder, encoder, records, list(range(len(records))), cfg.data, ["latents", "embeds"],
+                             batch, desc="cache", show_progress=False)
+    sync(device)
+    build = time.perf_counter() - start
+    features = Features(indices=feats["indices"].tolist(), files=[str(r.path) for r in records],
+                        latents=feats["latents"], embeds=feats["embeds"], embeds_flip=None)
+
+    torch.manual_seed(cfg.seed)
+    add_lora(decoder.unet, cfg.rank, cfg.alpha, cfg.target_modules)
+    params = [p for p in decoder.unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        decoder.unet.enable_gradient_checkpointing()
+    decoder.unet.train()
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    autocast = (torch.autocast(device.type, dtype=dtype) if cfg.mixed_precision != "no"
+                else contextlib.nullcontext())
+    total = args.warmup + args.steps
+    modes = {
+        "no cache (images -> MoVQ + CLIP -> UNet)": LiveBatches(records, order, decoder, encoder, cfg, 0, total),
+        "cache (UNet only)": CachedBatches(features, order, device),
+    }
+    print(f"model {cfg.model.decoder}, {decoder.image_size} px, batch {batch}, {len(records)} images, device "
+          f"{device}, {torch.get_num_threads()} CPU threads, mixed precision {cfg.mixed_precision}, "
+          f"gradient checkpointing {cfg.gradient_checkpointing}")
+    print(f"cache build (once): {build:.2f} s for {len(records)} images")
+    timings = {}
+    for name, batches in modes.items():
+        for micro in range(total):
+            if micro == args.warmup:
+                sync(device)
+                start = time.perf_counter()
+            with autocast:
+                w0, e = batches.get(micro)
+                gen = torch.Generator(device=device).manual_seed(micro)
+                loss = diffusion_loss(decoder.unet, decoder.scheduler, w0, e, gen, decoder.latent_channels)
+            loss.backward()
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        timings[name] = (time.perf_counter() - start) / args.steps
+    base = next(iter(timings.values()))
+    for name, seconds in timings.items():
+        print(f"{name:42s} {seconds * 1000:9.1f} ms/step  {batch / seconds:8.1f} images/s  x{base / seconds:.2f}")
+
+
+if __name__ == "__main__":
+    main()
