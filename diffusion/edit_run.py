@@ -23,7 +23,9 @@ from diffusion.data import dataset_classes, make_loader, split_records
 from diffusion.editing import Editor, EditOutcome, Oracle
 from diffusion.embeddings import load_class_means, mean_geometry
 from diffusion.metrics import Lpips, pixel_l2, summarize
-from diffusion.models import check_embed_dim, load_decoder, load_image_encoder, resolve_device, resolve_dtype
+from diffusion.models import (
+    check_embed_dim, load_decoder, load_image_encoder, optimize_unet, resolve_device, resolve_dtype,
+)
 from diffusion.results import ResultsWriter, fmt, merge_shards, row_key
 from diffusion.views import save_image, save_pair
 
@@ -132,6 +134,7 @@ def _edit_items(cfg: EditConfig, items: List[EditItem], classes: List[str], writ
         from diffusion.lora import load_lora
 
         load_lora(decoder.unet, cfg.lora.path, cfg.lora.step, cfg.lora.scale)
+    optimize_unet(decoder, cfg.model)
     involved = [c for c in classes if any(c in pair for pair in resolve_directions(cfg, classes))]
     if cfg.compute_missing_embeds:
         from diffusion.config import EmbedsConfig
@@ -265,4 +268,8 @@ def finish_run(cfg: EditConfig) -> Dict[str, object]:
     log.info("results: %s (%d rows); flip rate %s, LPIPS (flipped) %s, UNet evals/image %s",
              out / "results.csv", len(rows), fmt(summary["flip_rate"]), fmt(summary["lpips_mean"]),
              fmt(summary["unet_evals_per_image"]))
+    if cfg.views.enabled:
+        from diffusion.gallery import write_views
+
+        write_views(out, frame_ms=cfg.views.gif_frame_ms)
     return summary

@@ -77,6 +77,7 @@ class TrainResult:
     losses: List[float] = field(default_factory=list)  # one per optimizer step run by this call
     resumed_from: Optional[Path] = None
     stopped_early: bool = False  # a SIGINT / SIGTERM ended the run (after a checkpoint) before max_train_steps
+    decoder: Optional[Decoder] = None  # the decoder with the trained adapter attached (in eval mode), for in-process use
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -362,9 +363,9 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def load_checkpoint(folder: Path, accelerator, unet, optimizer, lr_scheduler, cfg: LoraTrainConfig,
-                    data_files: Sequence[str]) -> int:
-    """Restore everything :func:`save_checkpoint` wrote; returns the global step to continue from."""
+def read_training_state(folder: Path, cfg: LoraTrainConfig) -> dict:
+    """The checkpoint's training state, checked against ``cfg`` before any model loads: only run-control keys
+    (RUN_CONTROL_KEYS) may differ, or the resumed run would not continue the same computation."""
     state = json.loads((folder / STATE_NAME).read_text())
     if state.get("format") != STATE_FORMAT:
         raise ConfigError(f"{folder}: training state format {state.get('format')} is not {STATE_FORMAT}")
@@ -375,6 +376,13 @@ def load_checkpoint(folder: Path, accelerator, unet, optimizer, lr_scheduler, cf
             f"resume_from_checkpoint {folder}: the checkpoint was trained with other values of {', '.join(changed)}. "
             "Resume with the config it was made with (see its training_state.json), or start a new output_dir."
         )
+    return state
+
+
+def load_checkpoint(folder: Path, state: dict, accelerator, unet, optimizer, lr_scheduler, cfg: LoraTrainConfig,
+                    data_files: Sequence[str]) -> int:
+    """Restore everything :func:`save_checkpoint` wrote (``state``: :func:`read_training_state`); returns the global
+    step to continue from."""
     if state["num_processes"] * state["train_batch_size"] != accelerator.num_processes * cfg.train_batch_size:
         log.warning("resuming with %d processes x batch %d where the checkpoint had %d x %d: the data order differs "
                     "from an uninterrupted run", accelerator.num_processes, cfg.train_batch_size,
@@ -601,6 +609,7 @@ def train_lora(cfg: LoraTrainConfig) -> TrainResult:
     _check_batch(len(records), cfg, world, where)
     val_records = validation_records(cfg, classes) if cfg.validation_steps else []
     resume = resolve_resume(cfg)
+    resume_state = read_training_state(resume, cfg) if resume is not None else None
     if accelerator.is_main_process:
         _stamp(cfg)
     accelerator.wait_for_everyone()
@@ -638,7 +647,8 @@ def train_lora(cfg: LoraTrainConfig) -> TrainResult:
 
     global_step = 0
     if resume is not None:
-        global_step = load_checkpoint(resume, accelerator, model, optimizer, lr_scheduler, cfg, features.files)
+        global_step = load_checkpoint(resume, resume_state, accelerator, model, optimizer, lr_scheduler, cfg,
+                                      features.files)
         log.info("resumed from %s at step %d", resume, global_step)
         if global_step >= cfg.max_train_steps:
             log.info("already at step %d >= max_train_steps %d: nothing to train (raise max_train_steps to go on)",
@@ -723,6 +733,8 @@ def train_lora(cfg: LoraTrainConfig) -> TrainResult:
                 break
     bar.close()
     result.global_step = global_step
+    result.decoder = decoder
+    unet.eval()
     if accelerator.is_main_process:
         _save_final_adapter(accelerator.unwrap_model(model), Path(cfg.output_dir))
     accelerator.wait_for_everyone()

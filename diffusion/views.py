@@ -1,13 +1,27 @@
-"""Images a person looks at: PNGs of originals, counterfactuals and side-by-side pairs."""
+"""Images a person looks at: PNGs of originals, counterfactuals and side-by-side pairs, and the teaching views made
+from them (a flicker GIF, a difference map, an annotated interpolation strip).
+
+The teaching views read PNGs back from disk and never touch a model, so they can be remade for any finished run
+(``diffusion.gallery.write_views``). Every file is written atomically (a temporary file, then a rename).
+"""
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+
+# The difference map's colour scale, inferno-like: (position in [0, 1], RGB). The gallery draws its legend from it.
+DIFF_COLORMAP: Tuple[Tuple[float, Tuple[int, int, int]], ...] = (
+    (0.0, (0, 0, 4)), (0.25, (87, 16, 110)), (0.5, (188, 55, 84)), (0.75, (249, 142, 9)), (1.0, (252, 255, 164)),
+)
+DIFF_PERCENTILE = 99.0  # the map's full scale: a robust maximum of the change, so a few extreme pixels don't wash it out
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -16,14 +30,19 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def save_image(image: torch.Tensor, path: str | Path) -> Path:
-    """Save a (3, H, W) [0, 1] tensor as PNG, atomically (temporary file, then rename)."""
+def save_pil(image: Image.Image, path: str | Path, **save_kwargs) -> Path:
+    """Save a PIL image atomically; the format follows the file's extension."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    to_pil(image).save(tmp)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    image.save(tmp, **save_kwargs)
     os.replace(tmp, path)
     return path
+
+
+def save_image(image: torch.Tensor, path: str | Path) -> Path:
+    """Save a (3, H, W) [0, 1] tensor as PNG, atomically (temporary file, then rename)."""
+    return save_pil(to_pil(image), path)
 
 
 def save_pair(original: torch.Tensor, counterfactual: torch.Tensor, path: str | Path, gap: int = 4) -> Path:
@@ -31,3 +50,162 @@ def save_pair(original: torch.Tensor, counterfactual: torch.Tensor, path: str | 
     c, h, _ = original.shape
     spacer = torch.ones(c, h, gap)
     return save_image(torch.cat([original.cpu(), spacer, counterfactual.cpu()], dim=2), path)
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """A saved view image as RGB (fully read, so the file is closed)."""
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _same_size(original: Image.Image, other: Image.Image) -> Image.Image:
+    return other if other.size == original.size else other.resize(original.size, Image.Resampling.BICUBIC)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Flicker GIF
+# --------------------------------------------------------------------------------------------------------------------
+def save_flicker_gif(original: Image.Image, counterfactual: Image.Image, path: str | Path, frame_ms: int) -> Path:
+    """A looping two-frame GIF, original <-> counterfactual, each shown ``frame_ms`` milliseconds.
+
+    Both frames share one palette (quantised from the two images together): with a palette per frame, pixels the edit
+    left alone would change colour between frames and flicker too, hiding the real change.
+    """
+    counterfactual = _same_size(original, counterfactual)
+    w, h = original.size
+    both = Image.new("RGB", (w, 2 * h))
+    both.paste(original, (0, 0))
+    both.paste(counterfactual, (0, h))
+    palette = both.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    frames = [im.quantize(palette=palette, dither=Image.Dither.NONE) for im in (original, counterfactual)]
+    return save_pil(frames[0], path, save_all=True, append_images=frames[1:], duration=int(frame_ms), loop=0,
+                    optimize=False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Difference map
+# --------------------------------------------------------------------------------------------------------------------
+def change_magnitude(original: Image.Image, counterfactual: Image.Image) -> np.ndarray:
+    """Per-pixel RMS change over the RGB channels, (H, W) in [0, 1] (the pixel version of the run's ``l2``)."""
+    a = np.asarray(original, dtype=np.float32) / 255.0
+    b = np.asarray(_same_size(original, counterfactual), dtype=np.float32) / 255.0
+    return np.sqrt(((b - a) ** 2).mean(axis=2))
+
+
+def apply_colormap(values: np.ndarray) -> np.ndarray:
+    """(H, W) in [0, 1] -> (H, W, 3) float RGB in [0, 255] through :data:`DIFF_COLORMAP`."""
+    stops = np.array([s for s, _ in DIFF_COLORMAP])
+    colours = np.array([c for _, c in DIFF_COLORMAP], dtype=np.float32)
+    v = np.clip(values, 0.0, 1.0)
+    return np.stack([np.interp(v, stops, colours[:, ch]) for ch in range(3)], axis=-1)
+
+
+def difference_map(original: Image.Image, counterfactual: Image.Image) -> Tuple[Image.Image, float]:
+    """The change colour-mapped over a dimmed grey copy of the original; returns (map, full-scale change).
+
+    The change m = per-pixel RMS (:func:`change_magnitude`) is divided by its 99th percentile ``scale`` (the image's
+    own robust maximum, so a small edit is as visible as a large one; the legend prints the scale) and shown with
+    opacity m / scale: unchanged pixels keep the grey original, changed ones glow from purple to yellow.
+    """
+    magnitude = change_magnitude(original, counterfactual)
+    scale = max(float(np.percentile(magnitude, DIFF_PERCENTILE)), 1.0 / 255.0)
+    level = np.clip(magnitude / scale, 0.0, 1.0)
+    grey = np.asarray(original.convert("L"), dtype=np.float32)[..., None]
+    base = 40.0 + 0.45 * grey  # dimmed, so the colours stand out; still shows where things are
+    alpha = np.sqrt(level)[..., None]  # lift faint changes: the eye should find them
+    out = base * (1.0 - alpha) + apply_colormap(level) * alpha
+    return Image.fromarray(np.clip(out, 0, 255).round().astype(np.uint8)), scale
+
+
+def save_difference_map(original: Image.Image, counterfactual: Image.Image, path: str | Path) -> float:
+    """Write :func:`difference_map` as PNG; returns its full-scale change (for the legend)."""
+    image, scale = difference_map(original, counterfactual)
+    save_pil(image, path)
+    return scale
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Interpolation strip
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StripFrame:
+    """One tile of a strip: the image, its caption ("original", "eta 1.5") and the oracle's target probability."""
+
+    image: Image.Image
+    caption: str
+    target_prob: Optional[float] = None
+
+
+def _tile_size(width: int, smallest: int = 128, largest: int = 256) -> int:
+    """Tile width: small images are enlarged by a whole factor (crisp pixels), large ones shrunk to ``largest``."""
+    if width < smallest:
+        return width * math.ceil(smallest / width)
+    return min(width, largest)
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """``text`` shortened with '...' until it fits ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def compose_strip(frames: Sequence[StripFrame], title: str, target_class: str) -> Image.Image:
+    """The frames side by side on white, each captioned with its eta and, when an oracle judged it, p(target) as a
+    number and a bar; ``title`` above. (H, W) of a tile follows :func:`_tile_size`."""
+    if not frames:
+        raise ValueError("compose_strip needs at least one frame")
+    w0, h0 = frames[0].image.size
+    tile_w = _tile_size(w0)
+    tile_h = round(h0 * tile_w / w0)
+    pad, gap = max(6, tile_w // 20), max(4, tile_w // 32)
+    font = _font(max(12, tile_w // 10))
+    line = font.getbbox("Ag")[3] + 4
+    bar_h = max(4, tile_w // 32)
+    caption_h = 2 * line + bar_h + 4
+    width = 2 * pad + len(frames) * tile_w + (len(frames) - 1) * gap
+    height = pad + line + 4 + tile_h + 4 + caption_h + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, pad), _fit(draw, title, font, width - 2 * pad), fill=(20, 20, 20), font=font)
+    top = pad + line + 4
+    resample = Image.Resampling.NEAREST if tile_w >= w0 else Image.Resampling.LANCZOS
+    for k, frame in enumerate(frames):
+        x = pad + k * (tile_w + gap)
+        canvas.paste(frame.image.convert("RGB").resize((tile_w, tile_h), resample), (x, top))
+        y = top + tile_h + 4
+        draw.text((x, y), _fit(draw, frame.caption, font, tile_w), fill=(20, 20, 20), font=font)
+        y += line
+        if frame.target_prob is None:
+            draw.text((x, y), _fit(draw, f"p({target_class}) n/a", font, tile_w), fill=(140, 140, 140), font=font)
+            continue
+        p = min(max(float(frame.target_prob), 0.0), 1.0)
+        draw.text((x, y), _fit(draw, f"p({target_class}) {p:.2f}", font, tile_w), fill=(20, 20, 20), font=font)
+        y += line
+        draw.rectangle((x, y, x + tile_w - 1, y + bar_h - 1), fill=(225, 225, 225))
+        if p > 0:
+            draw.rectangle((x, y, x + max(1, round(p * tile_w)) - 1, y + bar_h - 1), fill=(214, 98, 32))
+    return canvas
+
+
+def save_strip(frames: Sequence[StripFrame], title: str, target_class: str, path: str | Path) -> Path:
+    """Write :func:`compose_strip` as PNG."""
+    return save_pil(compose_strip(frames, title, target_class), path)
+
+
+def strip_frames(image_dir: Path, frames: List[dict], original: Optional[Image.Image],
+                 original_prob: Optional[float]) -> List[StripFrame]:
+    """StripFrames from a strip.json's ``frames`` (paths relative to ``image_dir``), the original first when given."""
+    out = [StripFrame(original, "original", original_prob)] if original is not None else []
+    for f in frames:
+        out.append(StripFrame(load_rgb(image_dir / f["path"]), f"eta {float(f['eta']):g}", f.get("target_prob")))
+    return out
