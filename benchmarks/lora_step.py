@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,8 +27,9 @@ from diffusion.config import ConfigError, LoraTrainConfig, load_config  # noqa: 
 def parse() -> tuple:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config_path", default="configs/lora/demo.yaml")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per mode and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, the modes interleaved (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = parser.parse_args()
     try:
@@ -79,7 +81,7 @@ def main() -> None:
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     autocast = (torch.autocast(device.type, dtype=dtype) if cfg.mixed_precision != "no"
                 else contextlib.nullcontext())
-    total = args.warmup + args.steps
+    total = args.warmup + args.rounds * args.steps
     modes = {
         "no cache (images -> MoVQ + CLIP -> UNet)": LiveBatches(records, order, decoder, encoder, cfg, 0, total),
         "cache (UNet only)": CachedBatches(features, order, device),
@@ -88,12 +90,11 @@ def main() -> None:
           f"{device}, {torch.get_num_threads()} CPU threads, mixed precision {cfg.mixed_precision}, "
           f"gradient checkpointing {cfg.gradient_checkpointing}")
     print(f"cache build (once): {build:.2f} s for {len(records)} images")
-    timings = {}
-    for name, batches in modes.items():
-        for micro in range(total):
-            if micro == args.warmup:
-                sync(device)
-                start = time.perf_counter()
+    def run(batches, micro_steps: range) -> float:
+        """Seconds per training step over ``micro_steps``: batch, loss, backward, clipping, AdamW."""
+        sync(device)
+        start = time.perf_counter()
+        for micro in micro_steps:
             with autocast:
                 w0, e = batches.get(micro)
                 gen = torch.Generator(device=device).manual_seed(micro)
@@ -104,10 +105,22 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         sync(device)
-        timings[name] = (time.perf_counter() - start) / args.steps
-    base = next(iter(timings.values()))
-    for name, seconds in timings.items():
-        print(f"{name:42s} {seconds * 1000:9.1f} ms/step  {batch / seconds:8.1f} images/s  x{base / seconds:.2f}")
+        return (time.perf_counter() - start) / max(1, len(micro_steps))
+
+    for batches in modes.values():
+        run(batches, range(args.warmup))
+    timings = {name: [] for name in modes}
+    for r in range(args.rounds):  # interleaved, so a change of machine load hits both modes alike
+        first = args.warmup + r * args.steps
+        for name, batches in modes.items():
+            timings[name].append(run(batches, range(first, first + args.steps)))
+    medians = {name: statistics.median(t) for name, t in timings.items()}
+    base = next(iter(medians.values()))
+    print(f"median of {args.rounds} rounds x {args.steps} steps:")
+    for name, seconds in medians.items():
+        spread = ", ".join(f"{t * 1000:.0f}" for t in timings[name])
+        print(f"  {name:42s} {seconds * 1000:8.1f} ms/step  {batch / seconds:7.1f} images/s  x{base / seconds:.2f}"
+              f"   (rounds: {spread} ms)")
 
 
 if __name__ == "__main__":

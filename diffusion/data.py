@@ -41,7 +41,8 @@ def split_records(d: DataConfig, split: str, classes: Optional[List[str]] = None
     data.file_lists select the images when ``use_file_lists`` (the images to edit)."""
     classes = classes or dataset_classes(d)
     lists = {c: d.file_lists[c] for c in classes if c in d.file_lists} if use_file_lists else None
-    return build_records(prepare_root(d), split, classes, num_samples=d.num_samples, file_lists=lists)
+    return build_records(prepare_root(d), split, classes, num_samples=d.num_samples, file_lists=lists,
+                         extensions=get_spec(d.name).extensions)
 
 
 def make_loader(records: List[ImageRecord], d: DataConfig, size: int, batch_size: int) -> DataLoader:

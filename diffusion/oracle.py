@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from diffusion.config import atomic_write_text
@@ -218,7 +218,10 @@ def load_clip(model_name: str, pretrained: Optional[str]) -> Tuple[nn.Module, in
     if pretrained is None:
         log.warning("clip_pretrained is null: %s has RANDOM weights (only for tests)", model_name)
     try:
-        model = open_clip.create_model(model_name, pretrained=pretrained, require_pretrained=pretrained is not None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # random weights (pretrained: null) must be the same when the probe is loaded again
+            model = open_clip.create_model(model_name, pretrained=pretrained,
+                                           require_pretrained=pretrained is not None)
     except Exception as err:  # RuntimeError from open_clip, OSError / hub errors offline
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         raise WeightsUnavailableError(
@@ -260,7 +263,7 @@ def save_member(folder: PathLike, member: Member, info: MemberInfo) -> Path:
     path = folder / f"{member_name(info)}.safetensors"
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     state = {k: v.detach().to("cpu").contiguous() for k, v in member.weights().items()}
-    save_file(state, str(tmp), metadata={"format": MEMBER_FORMAT, "architecture": info.architecture})
+    tmp.write_bytes(save(state, metadata={"format": MEMBER_FORMAT, "architecture": info.architecture}))
     os.replace(tmp, path)
     atomic_write_text(path.with_suffix(".json"), info.to_json())
     return path

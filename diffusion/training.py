@@ -44,7 +44,8 @@ from diffusion.editing import ddpm_schedule
 from diffusion.inversion import cfg_eps, sample
 from diffusion.lora import WEIGHTS_NAME, add_lora, restore_lora_weights, save_lora
 from diffusion.models import (
-    Decoder, ImageEncoder, check_embed_dim, load_decoder, load_image_encoder, resolve_device, resolve_dtype,
+    Decoder, ImageEncoder, check_embed_dim, load_decoder, load_image_encoder, optimize_unet, resolve_device,
+    resolve_dtype,
 )
 from diffusion.train_cache import Features, load_or_build_features
 
@@ -58,7 +59,7 @@ STATE_FORMAT = 1
 RUN_CONTROL_KEYS = {
     "resume_from_checkpoint", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "validation_steps",
     "num_validation_images", "validation_inference_steps", "validation_guidance_scale", "report_to", "cache_dir",
-    "gradient_checkpointing", "allow_tf32", "data.num_workers", "model.device",
+    "gradient_checkpointing", "allow_tf32", "data.num_workers", "model.device", "model.channels_last", "model.compile",
 }
 PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -638,6 +639,7 @@ def train_lora(cfg: LoraTrainConfig) -> TrainResult:
             p.data = p.data.float()  # LoRA weights train in float32 whatever the frozen weights' dtype
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    optimize_unet(decoder, cfg.model)  # model.channels_last / model.compile, with the adapter in place
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 DIFF_COLORMAP: Tuple[Tuple[float, Tuple[int, int, int]], ...] = (
     (0.0, (0, 0, 4)), (0.25, (87, 16, 110)), (0.5, (188, 55, 84)), (0.75, (249, 142, 9)), (1.0, (252, 255, 164)),
 )
-DIFF_PERCENTILE = 99.0  # the map's full scale: a robust maximum of the change, so a few extreme pixels don't wash it out
+DIFF_PERCENTILE = 99.0  # the map's full scale: a robust maximum, so a few extreme pixels don't wash the rest out
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
