@@ -197,9 +197,11 @@ def compose_strip(frames: Sequence[StripFrame], title: str, target_class: str) -
     return canvas
 
 
-def save_strip(frames: Sequence[StripFrame], title: str, target_class: str, path: str | Path) -> Path:
-    """Write :func:`compose_strip` as PNG."""
-    return save_pil(compose_strip(frames, title, target_class), path)
+def save_strip(frames: Sequence[StripFrame], title: str, target_class: str, path: str | Path) -> Image.Image:
+    """Write :func:`compose_strip` as PNG; returns the strip."""
+    strip = compose_strip(frames, title, target_class)
+    save_pil(strip, path)
+    return strip
 
 
 def strip_frames(image_dir: Path, frames: List[dict], original: Optional[Image.Image],
