@@ -85,8 +85,8 @@ def split_train_val(records: Sequence[ImageRecord], val_fraction: float, max_tra
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
                           device: torch.device) -> None:
-    """Recompute every BatchNorm's running mean/var as the exact average over ``batches`` at the current weights
-    ("precise BN"). Why: from random init, the variances of a deep CNN start far below the running_var of 1 and
+    """Recompute every BatchNorm's running mean/var at the current weights as the average of their per-batch values
+    over ``batches`` ("precise BN"), replacing the exponential averages accumulated during training. Why: from random init, the variances of a deep CNN start far below the running_var of 1 and
     the running averages lag the moving weights for many steps; in eval mode the activations then shrink layer by
     layer to ~1e-9 (EfficientNet-B0, MobileNet-V2), so validation (and early stopping) would see a constant net.
     Only the BatchNorm layers run in train mode here; dropout and stochastic depth stay off."""

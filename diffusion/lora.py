@@ -110,7 +110,7 @@ def adapter_dir(path: str | Path, step: Optional[int] = None) -> Path:
     base = Path(path)
     folder = base / f"checkpoint-{step}" if step is not None else base
     if not (folder / WEIGHTS_NAME).is_file():
-        found = sorted(p.name for p in base.glob("checkpoint-*") if (p / WEIGHTS_NAME).is_file()) if base.is_dir() else []
+        found = sorted(p.name for p in base.glob("checkpoint-*") if (p / WEIGHTS_NAME).is_file())
         raise ConfigError(
             f"lora: no {WEIGHTS_NAME} in {folder}. "
             + (f"Checkpoints found in {base}: {', '.join(found)} (set lora.step to one of their numbers)."

@@ -91,7 +91,7 @@ def cache_key(material: dict) -> str:
 
 def key_materials(decoder: Decoder, encoder: ImageEncoder, records: Sequence[ImageRecord], root: Path,
                   data: DataConfig) -> Dict[str, dict]:
-    """What each kind's key hashes: the weights and dtype that computed it, the image size, the files, the background."""
+    """What each kind's key hashes: the weights and dtype that computed it, image size, files and background."""
     common = {
         "format": CACHE_FORMAT,
         "image_size": decoder.image_size,
@@ -201,8 +201,8 @@ def _build(decoder: Decoder, encoder: ImageEncoder, records: Sequence[ImageRecor
         partial.mkdir(parents=True)
     state.wait_for_everyone()
     share = list(range(rank, len(records), world))
-    part = compute_features(decoder, encoder, records, share, data, kinds, batch_size, desc=f"cache {'+'.join(kinds)}",
-                            show_progress=state.is_local_main_process)
+    part = compute_features(decoder, encoder, records, share, data, kinds, batch_size,
+                            desc=f"cache {'+'.join(kinds)}", show_progress=state.is_local_main_process)
     save_file({k: v.contiguous() for k, v in part.items()}, str(partial / f"part-{rank}.safetensors"))
     state.wait_for_everyone()
     if state.is_main_process:

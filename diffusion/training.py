@@ -59,7 +59,8 @@ STATE_FORMAT = 1
 RUN_CONTROL_KEYS = {
     "resume_from_checkpoint", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "validation_steps",
     "num_validation_images", "validation_inference_steps", "validation_guidance_scale", "report_to", "cache_dir",
-    "gradient_checkpointing", "allow_tf32", "data.num_workers", "model.device", "model.channels_last", "model.compile",
+    "gradient_checkpointing", "allow_tf32", "data.num_workers", "model.device", "model.channels_last",
+    "model.compile",
 }
 PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -78,7 +79,7 @@ class TrainResult:
     losses: List[float] = field(default_factory=list)  # one per optimizer step run by this call
     resumed_from: Optional[Path] = None
     stopped_early: bool = False  # a SIGINT / SIGTERM ended the run (after a checkpoint) before max_train_steps
-    decoder: Optional[Decoder] = None  # the decoder with the trained adapter attached (in eval mode), for in-process use
+    decoder: Optional[Decoder] = None  # with the trained adapter attached, in eval mode: for in-process use
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -294,6 +295,11 @@ def _set_rng_state(state: Dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def files_digest(files: Sequence[str]) -> str:
+    """A short hash of the training images' list, stored in checkpoints to notice a changed dataset on resume."""
+    return hashlib.sha256(json.dumps(list(files)).encode()).hexdigest()[:16]
+
+
 def config_dict(cfg: LoraTrainConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.create(to_yaml(cfg)))  # type: ignore[return-value]
 
@@ -329,9 +335,10 @@ def save_checkpoint(accelerator, unet, optimizer, lr_scheduler, step: int, cfg: 
             scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
             state = {
                 "format": STATE_FORMAT, "global_step": step, "num_processes": accelerator.num_processes,
-                "train_batch_size": cfg.train_batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+                "train_batch_size": cfg.train_batch_size,
+                "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
                 "optimizer": optim_meta, "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler,
-                "data_files": hashlib.sha256(json.dumps(list(data_files)).encode()).hexdigest()[:16],
+                "data_files": files_digest(data_files),
                 "config": config_dict(cfg),
             }
             (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))  # last: marks the folder complete
@@ -388,7 +395,7 @@ def load_checkpoint(folder: Path, state: dict, accelerator, unet, optimizer, lr_
         log.warning("resuming with %d processes x batch %d where the checkpoint had %d x %d: the data order differs "
                     "from an uninterrupted run", accelerator.num_processes, cfg.train_batch_size,
                     state["num_processes"], state["train_batch_size"])
-    if state["data_files"] != hashlib.sha256(json.dumps(list(data_files)).encode()).hexdigest()[:16]:
+    if state["data_files"] != files_digest(data_files):
         log.warning("the training images differ from those of checkpoint %s: the run continues on the current ones",
                     folder)
     restore_lora_weights(accelerator.unwrap_model(unet), folder / WEIGHTS_NAME)
