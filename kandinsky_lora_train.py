@@ -8,23 +8,14 @@ Writes output_dir/{config.yaml, run_info.json, checkpoint-<step>/, pytorch_lora_
 resume_from_checkpoint=latest continues a stopped run. Edit with the adapter: lora.path=<output_dir> [lora.step=N].
 """
 
-import logging
-import sys
-
 from diffusion.cli import run
 from diffusion.config import LoraTrainConfig
 
-log = logging.getLogger("diffusion")
-
 
 def main(cfg: LoraTrainConfig) -> None:
-    from diffusion.training import CheckpointError, train_lora
+    from diffusion.training import train_lora
 
-    try:
-        train_lora(cfg)
-    except CheckpointError as err:
-        log.error("%s", err)
-        sys.exit(1)
+    train_lora(cfg)
 
 
 if __name__ == "__main__":

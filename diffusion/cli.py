@@ -27,8 +27,9 @@ def user_errors() -> tuple:
     from datasets.images import BadImageError
     from diffusion.embeddings import EmbeddingsError
     from diffusion.models import ModelLoadError
+    from diffusion.training import CheckpointError
 
-    return (ConfigError, ModelLoadError, EmbeddingsError, BadImageError, FileNotFoundError)
+    return (ConfigError, ModelLoadError, EmbeddingsError, BadImageError, CheckpointError, FileNotFoundError)
 
 
 def run(schema: Type[C], main: Callable[[C], object], argv: Optional[Sequence[str]] = None,

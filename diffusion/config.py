@@ -307,7 +307,7 @@ class MiniConfig:
     num_threads: Optional[int] = None  # torch CPU threads (the mini model trains on the CPU); null = torch's default
     # MoVQ: three levels (latents are image_size / 4), trained as a plain autoencoder (quantiser bypassed)
     movq_channels: int = 32
-    movq_steps: int = 450
+    movq_steps: int = 300
     movq_lr: float = 1e-3
     latent_std_weight: float = 0.01  # keeps the latents near unit variance (there is no scaling factor)
     # image encoder: a small CLIP vision transformer, supervised-contrastive on the labels, with augmentations that

@@ -174,11 +174,12 @@ def train_encoder(cfg: MiniConfig, images: torch.Tensor, labels: torch.Tensor, g
 
 def train_unet(cfg: MiniConfig, latents: torch.Tensor, embeds: torch.Tensor, c0: torch.Tensor,
                gen: torch.Generator) -> Tuple[UNet2DConditionModel, Dict[str, float]]:
-    """Epsilon MSE with noisy embeddings (embed_noise x ||e||) and null-embedding dropout (null_prob)."""
+    """The LoRA trainer's epsilon objective (:func:`diffusion.training.diffusion_loss`) on the full UNet, with noisy
+    embeddings (embed_noise x ||e||) and null-embedding dropout (null_prob)."""
+    from diffusion.training import diffusion_loss
+
     unet = build_unet(cfg).train()
     scheduler = kandinsky_scheduler()
-    n_train = scheduler.config.num_train_timesteps
-    channels = latents.shape[1]
     d = embeds.shape[1]
 
     def loss_fn(idx):
@@ -187,11 +188,7 @@ def train_unet(cfg: MiniConfig, latents: torch.Tensor, embeds: torch.Tensor, c0:
         e = e + cfg.embed_noise * e.norm(dim=1, keepdim=True) * torch.randn(b, d, generator=gen) / math.sqrt(d)
         drop = torch.rand(b, generator=gen) < cfg.null_prob
         e = torch.where(drop[:, None], c0.expand(b, -1), e)
-        t = torch.randint(0, n_train, (b,), generator=gen)
-        noise = torch.randn(w0.shape, generator=gen)
-        w_t = scheduler.add_noise(w0, noise, t)
-        pred = unet(w_t, t, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": e}).sample[:, :channels]
-        return F.mse_loss(pred, noise)
+        return diffusion_loss(unet, scheduler, w0, e, gen, latent_channels=latents.shape[1])
 
     stats = _train("unet", unet.parameters(), loss_fn, len(latents), cfg, cfg.unet_steps, cfg.unet_lr, gen)
     return unet.eval(), stats
