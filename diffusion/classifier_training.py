@@ -86,10 +86,12 @@ def split_train_val(records: Sequence[ImageRecord], val_fraction: float, max_tra
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
                           device: torch.device) -> None:
     """Recompute every BatchNorm's running mean/var at the current weights as the average of their per-batch values
-    over ``batches`` ("precise BN"), replacing the exponential averages accumulated during training. Why: from random init, the variances of a deep CNN start far below the running_var of 1 and
-    the running averages lag the moving weights for many steps; in eval mode the activations then shrink layer by
-    layer to ~1e-9 (EfficientNet-B0, MobileNet-V2), so validation (and early stopping) would see a constant net.
-    Only the BatchNorm layers run in train mode here; dropout and stochastic depth stay off."""
+    over ``batches`` ("precise BN"), replacing the exponential averages accumulated during training.
+
+    Why: from random init, the variances of a deep CNN start far below the running_var of 1 and the running averages
+    lag the moving weights for many steps; in eval mode the activations then shrink layer by layer to ~1e-9
+    (EfficientNet-B0, MobileNet-V2), so validation (and early stopping) would see a constant net. Only the
+    BatchNorm layers run in train mode here; dropout and stochastic depth stay off."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
@@ -266,7 +268,7 @@ def train_cnn(architecture: str, train: ImageSet, val: ImageSet, data: OracleDat
     def train_batches(epoch: int) -> Iterator:
         order = torch.randperm(len(train.labels), generator=shuffle)
         for x, y in train.batches(cfg.batch_size, order):
-            yield augment(x, shuffle), y
+            yield augment(x.to(device), shuffle), y  # on the training device: grid_sample is cheap on a GPU
 
     result = fit(member, member.parameters(), train_batches, lambda: val.batches(cfg.batch_size), cfg.epochs,
                  cfg.patience, cfg.learning_rate, device, architecture, member.weights,

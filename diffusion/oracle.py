@@ -76,7 +76,8 @@ class MemberInfo:
         try:
             raw = json.loads(path.read_text())
         except (OSError, ValueError) as err:
-            raise OracleError(f"{path}: not a readable JSON file ({err}). Re-run scripts/train_classifiers.py.") from err
+            raise OracleError(f"{path}: not a readable JSON file ({err}). Re-run scripts/train_classifiers.py."
+                              ) from err
         if not isinstance(raw, dict) or raw.get("format") != MEMBER_FORMAT:
             raise OracleError(f"{path}: not an oracle member description (expected \"format\": \"{MEMBER_FORMAT}\"). "
                               "Re-run scripts/train_classifiers.py into this folder, or remove the file.")
@@ -317,7 +318,7 @@ def load_member(path: Path, info: MemberInfo, device: Union[str, torch.device] =
     try:
         state = load_file(str(path), device="cpu")
         member.load_weights(state)
-    except (RuntimeError, OSError, ValueError) as err:
+    except Exception as err:  # SafetensorError (not a safetensors file), RuntimeError (other shapes or keys), OSError
         raise OracleError(f"{path}: cannot be loaded as a {info.architecture} member ({err}). The file may be damaged "
                           "or written by another version; re-run scripts/train_classifiers.py.") from err
     return member.to(device).eval().requires_grad_(False)
