@@ -26,10 +26,13 @@ def user_errors() -> tuple:
     """Exception types whose message is meant for the user (bad config, data or weights), not a bug report."""
     from datasets.images import BadImageError
     from diffusion.embeddings import EmbeddingsError
+    from diffusion.metrics import LpipsError
     from diffusion.models import ModelLoadError
+    from diffusion.oracle import OracleError
     from diffusion.training import CheckpointError
 
-    return (ConfigError, ModelLoadError, EmbeddingsError, BadImageError, CheckpointError, FileNotFoundError)
+    return (ConfigError, ModelLoadError, EmbeddingsError, BadImageError, CheckpointError, OracleError, LpipsError,
+            FileNotFoundError)
 
 
 def run(schema: Type[C], main: Callable[[C], object], argv: Optional[Sequence[str]] = None,

@@ -127,6 +127,14 @@ def _edit_items(cfg: EditConfig, items: List[EditItem], classes: List[str], writ
                 state, oracle: Optional[Oracle]) -> None:
     device = _device(cfg, state)
     dtype = resolve_dtype(cfg.model.dtype, device)
+    # the small, most failure-prone parts first, so an unusable oracle or LPIPS stops the run in seconds
+    oracle = oracle if oracle is not None else load_oracle(cfg, device)
+    if oracle is not None:
+        missing = [c for c in classes if c not in oracle.classes]
+        if missing:
+            raise ConfigError(f"oracle_dir {cfg.oracle_dir}: the oracle knows classes {list(oracle.classes)}, "
+                              f"not {missing}; train it on this dataset (scripts/train_classifiers.py)")
+    lpips = Lpips(device) if cfg.lpips else None
     decoder = load_decoder(cfg.model, device, dtype)
     encoder = load_image_encoder(cfg.model, device, dtype)
     check_embed_dim(decoder, encoder)
@@ -143,13 +151,6 @@ def _edit_items(cfg: EditConfig, items: List[EditItem], classes: List[str], writ
         save_embeddings(EmbedsConfig(output_dir=cfg.embeds_dir, seed=cfg.seed, model=cfg.model, data=cfg.data,
                                      batch_size=cfg.batch_size), encoder=encoder)
     means = load_class_means(cfg.embeds_dir, involved, encoder.embed_dim, cfg.num_images)
-    oracle = oracle if oracle is not None else load_oracle(cfg, device)
-    if oracle is not None:
-        missing = [c for c in classes if c not in oracle.classes]
-        if missing:
-            raise ConfigError(f"oracle_dir {cfg.oracle_dir}: the oracle knows classes {list(oracle.classes)}, "
-                              f"not {missing}; train it on this dataset (scripts/train_classifiers.py)")
-    lpips = Lpips(device) if cfg.lpips else None
     editor = Editor(decoder, cfg, encoder.null_embedding(), oracle)
     log.info("edit: %d images, T=%d, guidance %g, eta %s, search %s, t_skips %s, batch %d, device %s, dtype %s",
              len(items), cfg.num_inference_steps, cfg.guidance_scale, list(cfg.eta), cfg.search.value,

@@ -109,6 +109,8 @@ def _group_summary(rows: List[Dict[str, str]]) -> Dict[str, object]:
         "n": len(rows),
         "n_flipped": len(flips),
         "flip_rate": flip_rate(rows),
+        # originals the oracle already assigns to the target class: their "flips" teach nothing; counted apart
+        "n_already_target": sum(r.get("oracle_pred_before") == r["target_class"] for r in rows),
         "lpips_mean": _mean(_f(r.get("lpips")) for r in flips),
         "l2_mean": _mean(_f(r.get("l2")) for r in flips),
         "t_skip_mean": _mean(_f(r.get("t_skip")) for r in rows),
@@ -129,6 +131,8 @@ def summarize(rows: List[Dict[str, str]]) -> Dict[str, object]:
         "n_flipped": len(flipped),
         "n_unjudged": sum(r.get("flipped") in (None, "") for r in rows) if _judged(rows) else 0,
         "flip_rate": flip_rate(rows),
+        # originals the oracle already assigns to the target class: their "flips" teach nothing; counted apart
+        "n_already_target": sum(r.get("oracle_pred_before") == r["target_class"] for r in rows),
         "lpips_mean": _mean(_f(r.get("lpips")) for r in flipped),
         "l2_mean": _mean(_f(r.get("l2")) for r in flipped),
         "l2_mean_all": _mean(_f(r.get("l2")) for r in rows),
@@ -152,18 +156,12 @@ def load_run_rows(run_dir: str | Path) -> List[Dict[str, str]]:
     Raises:
         FileNotFoundError: the folder holds neither results.csv nor shards/results.*.csv.
     """
-    from diffusion.results import read_rows, row_key
+    from diffusion.results import collect_rows, result_sources
 
-    run_dir = Path(run_dir)
-    sources = [run_dir / "results.csv", *sorted((run_dir / "shards").glob("results.*.csv"))]
-    if not any(p.is_file() for p in sources):
+    if not any(p.is_file() for p in result_sources(run_dir)):
         raise FileNotFoundError(f"{run_dir} holds no results.csv (nor shards/results.*.csv): is it the output_dir of "
                                 "a kandinsky_eval.py run?")
-    by_key: Dict[Tuple[str, ...], Dict[str, str]] = {}
-    for source in sources:
-        for row in read_rows(source):
-            by_key.setdefault(row_key(row), row)
-    return [by_key[k] for k in sorted(by_key)]
+    return collect_rows(run_dir)
 
 
 def run_settings(run_dir: str | Path) -> str:

@@ -103,13 +103,23 @@ def _write_csv_atomic(path: Path, rows: Sequence[Dict[str, object]]) -> None:
     os.replace(tmp, path)
 
 
-def merge_shards(run_dir: str | Path) -> List[Dict[str, str]]:
-    """results.csv <- its own rows + every shard's, one row per key, sorted by key; returns the rows."""
+def result_sources(run_dir: str | Path) -> List[Path]:
+    """results.csv and every shard of a run folder (existing or not)."""
     run_dir = Path(run_dir)
+    return [run_dir / "results.csv", *sorted((run_dir / "shards").glob("results.*.csv"))]
+
+
+def collect_rows(run_dir: str | Path) -> List[Dict[str, str]]:
+    """results.csv's rows + every shard's, one row per key, sorted by key (read-only)."""
     by_key: Dict[Tuple[str, ...], Dict[str, str]] = {}
-    for source in [run_dir / "results.csv", *sorted((run_dir / "shards").glob("results.*.csv"))]:
+    for source in result_sources(run_dir):
         for row in read_rows(source):
             by_key.setdefault(row_key(row), row)
-    rows = [by_key[k] for k in sorted(by_key)]
-    _write_csv_atomic(run_dir / "results.csv", rows)
+    return [by_key[k] for k in sorted(by_key)]
+
+
+def merge_shards(run_dir: str | Path) -> List[Dict[str, str]]:
+    """results.csv <- :func:`collect_rows`, written atomically; returns the rows."""
+    rows = collect_rows(run_dir)
+    _write_csv_atomic(Path(run_dir) / "results.csv", rows)
     return rows
