@@ -17,6 +17,7 @@ and the run's own search (the config's `search`) for the headline figures. Print
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from collections import defaultdict
@@ -71,7 +72,8 @@ def main() -> None:
     t_skips = editor.t_skips
     eta = cfg.eta[0]
     # nearest real example of the target class, among the train images (L2 at the model's resolution)
-    train = {c: _load_images(cfg, split_records(cfg.data, cfg.data.train_split, [c]), decoder.image_size)
+    all_train = dataclasses.replace(cfg.data, num_samples=None)  # every train image, not the eval cap
+    train = {c: _load_images(cfg, split_records(all_train, cfg.data.train_split, [c]), decoder.image_size)
              for c in classes}
     items = plan_items(cfg, classes)
     per_direction: Dict[str, dict] = {}

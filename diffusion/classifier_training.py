@@ -367,7 +367,7 @@ def train_classifiers(cfg: ClassifierConfig) -> Dict[str, object]:
             member, info = train_clip_probe(data, cfg, device)
         else:
             member, info = train_cnn(name, train, val, data, cfg, device, index)
-        path = save_member(cfg.output_dir, member, info)
+        path = save_member(cfg.output_dir, member, info, dtype=getattr(torch, cfg.save_dtype))
         log.info("%s: best epoch %s of %s, val accuracy %.4f -> %s", name, info.extra["best_epoch"],
                  info.extra["epochs_run"], info.val_accuracy, path)
         del member

@@ -140,7 +140,7 @@ class EditConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     embeds_dir: str = MISSING  # written by scripts/save_embeds.py
-    compute_missing_embeds: bool = False  # True: embed the train split here for classes embeds_dir lacks
+    compute_missing_embeds: bool = False  # True: embed the whole train split here for classes embeds_dir lacks
     num_images: Optional[int] = None  # class means over the first num_images train embeddings; None = all
     directions: List[List[str]] = field(default_factory=list)  # [[source, target], ...]; empty = both ways, 2 classes
     num_inference_steps: int = 100  # T
@@ -265,6 +265,7 @@ class ClassifierConfig:
     val_fraction: float = 0.1  # of each class's train images (at most max_train_per_class of them), at least one
     max_train_per_class: Optional[int] = 1000  # null = every train image not in the validation split
     device: str = "auto"  # auto = cuda when available, else cpu; or cpu, cuda, cuda:N, mps
+    save_dtype: typing.Literal["float32", "float16"] = "float32"  # stored weights (float16 halves a shipped oracle)
 
     def __post_init__(self) -> None:
         """Checks that types alone cannot express; runs when load_config builds the object, before any model loads."""

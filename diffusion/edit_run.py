@@ -6,6 +6,7 @@ the pending images are split across processes, each appends to its own shard, th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -148,8 +149,11 @@ def _edit_items(cfg: EditConfig, items: List[EditItem], classes: List[str], writ
         from diffusion.config import EmbedsConfig
         from diffusion.precompute import save_embeddings
 
-        save_embeddings(EmbedsConfig(output_dir=cfg.embeds_dir, seed=cfg.seed, model=cfg.model, data=cfg.data,
-                                     batch_size=cfg.batch_size), encoder=encoder)
+        # the whole train split, as scripts/save_embeds.py does: data.num_samples caps what is edited, and
+        # num_images (below) what the class means use
+        every_train_image = dataclasses.replace(cfg.data, num_samples=None)
+        save_embeddings(EmbedsConfig(output_dir=cfg.embeds_dir, seed=cfg.seed, model=cfg.model,
+                                     data=every_train_image, batch_size=cfg.batch_size), encoder=encoder)
     means = load_class_means(cfg.embeds_dir, involved, encoder.embed_dim, cfg.num_images)
     editor = Editor(decoder, cfg, encoder.null_embedding(), oracle)
     log.info("edit: %d images, T=%d, guidance %g, eta %s, search %s, t_skips %s, batch %d, device %s, dtype %s",

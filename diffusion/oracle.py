@@ -256,14 +256,16 @@ def member_name(info: MemberInfo) -> str:
     return info.architecture
 
 
-def save_member(folder: PathLike, member: Member, info: MemberInfo) -> Path:
+def save_member(folder: PathLike, member: Member, info: MemberInfo, dtype: torch.dtype = torch.float32) -> Path:
     """Write ``<name>.safetensors`` and ``<name>.json`` into ``folder``, each through a temporary file and an atomic
-    rename, replacing an earlier checkpoint of the same architecture. Returns the checkpoint path."""
+    rename, replacing an earlier checkpoint of the same architecture. Floating-point weights are stored as ``dtype``
+    (float16 halves a shipped oracle; loading casts back to float32). Returns the checkpoint path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{member_name(info)}.safetensors"
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in member.weights().items()}
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().to("cpu").contiguous()
+             for k, v in member.weights().items()}
     tmp.write_bytes(save(state, metadata={"format": MEMBER_FORMAT, "architecture": info.architecture}))
     os.replace(tmp, path)
     atomic_write_text(path.with_suffix(".json"), info.to_json())

@@ -106,7 +106,7 @@ def test_two_processes_give_the_same_rows_as_one(tmp_path, tiny_model, blob_data
     args = _overrides(tmp_path / "two", tiny_model, blob_data, embeds_dir=tmp_path / "one" / "embeds")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            "kandinsky_eval.py", "--config_path", str(REPO / "configs/edit/demo.yaml"), *args,
-           "data.classes=[class_a,class_b]", "data.name=folder", "data.num_samples=null"]
+           "data.classes=[class_a,class_b]", "data.name=folder", "data.num_samples=null", "oracle_dir=null"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     shards = sorted((tmp_path / "two" / "run" / "shards").glob("results.*.csv"))
