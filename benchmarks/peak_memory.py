@@ -7,7 +7,6 @@ and against the bare interpreter with torch/diffusers/transformers imported.
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import tempfile

@@ -3,11 +3,12 @@ can fix into one clear line and exit status 2 (instead of a traceback)."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from typing import Callable, Optional, Sequence, Type, TypeVar
 
-from diffusion.config import ConfigError, parse_args
+from diffusion.config import ConfigError, load_config
 
 C = TypeVar("C")
 log = logging.getLogger("diffusion")
@@ -33,6 +34,19 @@ def user_errors() -> tuple:
 
     return (ConfigError, ModelLoadError, EmbeddingsError, BadImageError, CheckpointError, OracleError, LpipsError,
             FileNotFoundError)
+
+
+def parse_args(schema: Type[C], argv: Optional[Sequence[str]] = None, description: str = "") -> C:
+    """``--config_path FILE [key.sub=value ...]`` -> validated config; exits with status 2 and a clear message."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config_path", required=True, help="YAML file (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the YAML")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(schema, args.config_path, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def run(schema: Type[C], main: Callable[[C], object], argv: Optional[Sequence[str]] = None,

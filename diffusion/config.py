@@ -8,7 +8,6 @@ folder, so every output can be traced back to what produced it.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import enum
@@ -452,19 +451,6 @@ def validate(cfg: Any, source: str = "config") -> None:
         need(cfg.num_images is None or cfg.num_images > 0, "num_images", "must be > 0 or null")
         need(cfg.lora.step is None or cfg.lora.path is not None, "lora.step", "needs lora.path")
         need(cfg.views.gif_frame_ms > 0, "views.gif_frame_ms", "must be > 0")
-
-
-def parse_args(schema: Type[C], argv: Optional[Sequence[str]] = None, description: str = "") -> C:
-    """``--config_path FILE [key.sub=value ...]`` -> validated config; exits with status 2 and a clear message."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config_path", required=True, help="YAML file (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the YAML")
-    args = parser.parse_args(argv)
-    try:
-        return load_config(schema, args.config_path, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 # --------------------------------------------------------------------------------------------------------------------

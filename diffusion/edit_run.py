@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from datasets.folder import ImageRecord
 from diffusion.config import ConfigError, EditConfig, SearchMode, atomic_write_text, stamp_run_dir
 from diffusion.data import dataset_classes, make_loader, split_records
-from diffusion.editing import Editor, EditOutcome, Oracle
+from diffusion.editing import Editor, Oracle
 from diffusion.embeddings import load_class_means, mean_geometry
 from diffusion.metrics import Lpips, pixel_l2, summarize
 from diffusion.models import (

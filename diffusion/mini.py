@@ -228,7 +228,6 @@ def _save_half(model, path: Path, dtype: torch.dtype) -> None:
 def train_mini_model(cfg: MiniConfig) -> dict:
     """Train (or resume) the three stages into cfg.output_dir; returns the training report."""
     from diffusion.models import ImageEncoder, movq_encode, resolve_dtype
-    from diffusers import DDPMScheduler  # noqa: F401  (the saved scheduler is a DDPMScheduler)
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
