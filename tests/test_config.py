@@ -96,7 +96,7 @@ def test_stamp_writes_config_seed_commit_versions(tmp_path):
     info = json.loads((out / "run_info.json").read_text())
     assert info["seed"] == 7 and "git_commit" in info and info["packages"]["torch"]
     # a resumed run with a different config is refused rather than mixing results
-    other = load_config(EditConfig, str(out / "config.yaml"), ["guidance_scale=2"])
+    other = load_config(EditConfig, str(out / "config.yaml"), [f"guidance_scale={cfg.guidance_scale + 1}"])
     with pytest.raises(ConfigError, match="guidance_scale"):
         stamp_run_dir(other)
 

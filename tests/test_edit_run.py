@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import diffusion.edit_run as edit_run
-from diffusion.config import EditConfig, load_config
+from diffusion.config import EditConfig, load_config, to_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,10 +102,10 @@ def test_two_processes_give_the_same_rows_as_one(tmp_path, tiny_model, blob_data
     """torchrun --nproc_per_node 2 (gloo, CPU) splits the images; the merged results equal a 1-process run."""
     one = _cfg(tmp_path / "one", tiny_model, blob_data)
     edit_run.run_edits(one)
-    args = _overrides(tmp_path / "two", tiny_model, blob_data, embeds_dir=tmp_path / "one" / "embeds")
+    config = tmp_path / "one.yaml"
+    config.write_text(to_yaml(one))  # exactly the 1-process settings
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "kandinsky_eval.py", "--config_path", str(REPO / "configs/edit/demo.yaml"), *args,
-           "data.classes=[class_a,class_b]", "data.name=folder", "data.num_samples=null", "oracle_dir=null"]
+           "kandinsky_eval.py", "--config_path", str(config), f"output_dir={tmp_path / 'two' / 'run'}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     shards = sorted((tmp_path / "two" / "run" / "shards").glob("results.*.csv"))

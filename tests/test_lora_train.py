@@ -303,7 +303,7 @@ def test_configs_hold_the_paper_recipe():
                                                                                                    False)
         assert cfg.data.name == name and cfg.data.root == f"data/{name}"
     demo = load_config(LoraTrainConfig, str(REPO / "configs" / "lora" / "demo.yaml"))
-    assert demo.model.decoder == "assets/tiny_random/decoder" and demo.output_dir == "outputs/demo/lora"
+    assert demo.model.decoder == "assets/mini_digits/decoder" and demo.output_dir == "outputs/demo/lora"
 
 
 @pytest.mark.slow
