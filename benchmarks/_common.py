@@ -30,6 +30,5 @@ def weights_bytes(folder: Path) -> int:
 
 
 def default_model() -> Path:
-    """The shipped demo model when present, else the tiny random one."""
-    mini = REPO / "assets" / "mini_digits"
-    return mini if (mini / "decoder" / "unet").is_dir() else REPO / "assets" / "tiny_random"
+    """The shipped demo model (assets/mini_digits)."""
+    return REPO / "assets" / "mini_digits"
