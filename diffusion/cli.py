@@ -37,7 +37,7 @@ def user_errors() -> tuple:
 
 
 def parse_args(schema: Type[C], argv: Optional[Sequence[str]] = None, description: str = "") -> C:
-    """``--config_path FILE [key.sub=value ...]`` -> validated config; exits with status 2 and a clear message."""
+    """``--config_path FILE [key.sub=value ...]`` -> validated config; logs the problem and exits 2 on a bad config."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config_path", required=True, help="YAML file (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the YAML")
@@ -45,15 +45,15 @@ def parse_args(schema: Type[C], argv: Optional[Sequence[str]] = None, descriptio
     try:
         return load_config(schema, args.config_path, args.overrides)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        log.error("config error: %s", err)
         raise SystemExit(2) from None
 
 
 def run(schema: Type[C], main: Callable[[C], object], argv: Optional[Sequence[str]] = None,
         description: str = "") -> None:
     """``--config_path FILE [key=value ...]`` -> validated config -> ``main(cfg)``; user errors exit 2 with a message."""
-    cfg = parse_args(schema, argv, description)  # exits 2 on a bad config, before anything heavy is imported
     setup_logging()
+    cfg = parse_args(schema, argv, description)  # exits 2 on a bad config, before anything heavy is imported
     try:
         main(cfg)
     except user_errors() as err:

@@ -122,7 +122,6 @@ class EmbedsConfig:
     """scripts/save_embeds.py: CLIP image embeddings of every train image of each class."""
 
     output_dir: str = MISSING
-    seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     split: Optional[str] = None  # None = data.train_split

@@ -152,7 +152,7 @@ def _edit_items(cfg: EditConfig, items: List[EditItem], classes: List[str], writ
         # the whole train split, as scripts/save_embeds.py does: data.num_samples caps what is edited, and
         # num_images (below) what the class means use
         every_train_image = dataclasses.replace(cfg.data, num_samples=None)
-        save_embeddings(EmbedsConfig(output_dir=cfg.embeds_dir, seed=cfg.seed, model=cfg.model,
+        save_embeddings(EmbedsConfig(output_dir=cfg.embeds_dir, model=cfg.model,
                                      data=every_train_image, batch_size=cfg.batch_size), encoder=encoder)
     means = load_class_means(cfg.embeds_dir, involved, encoder.embed_dim, cfg.num_images)
     editor = Editor(decoder, cfg, encoder.null_embedding(), oracle)
