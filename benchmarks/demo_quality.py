@@ -88,8 +88,8 @@ def main() -> None:
         nearest = torch.cdist(x.flatten(1), train[tgt].flatten(1)).min(1).values / x[0].numel() ** 0.5
         with torch.inference_mode():
             inv = editor.invert(decoder.encode(x), e, gens)
-            fresh = Inversion(ws=inv.ws, zs=torch.randn(inv.zs.shape, generator=torch.Generator().manual_seed(1),
-                                                        dtype=inv.zs.dtype), evals=0)
+            fresh = Inversion.complete(inv.ws, torch.randn(inv.zs.shape, generator=torch.Generator().manual_seed(1),
+                                                           dtype=inv.zs.dtype))
             e_edit = edit_embedding(e, means[src], means[tgt], eta)
             res = {}  # (method, t_skip) -> (flips (n,), l2 (n,), lpips (n,) or None)
             for method, source in (("diffusion", inv), ("sdedit", fresh)):
@@ -108,7 +108,7 @@ def main() -> None:
                 g = torch.Generator().manual_seed(seed)
                 ws = inv.ws.clone()
                 ws[0] = torch.randn(ws[0].shape, generator=g, dtype=ws.dtype)
-                noise = Inversion(ws=ws, zs=torch.randn(inv.zs.shape, generator=g, dtype=inv.zs.dtype), evals=0)
+                noise = Inversion.complete(ws, torch.randn(inv.zs.shape, generator=g, dtype=inv.zs.dtype))
                 att = [Attempt(b, 0.0, 0.0) for b in range(n)]
                 editor.run_attempts(noise, att, e)
                 pair.append(torch.stack([a.picture for a in att]))

@@ -51,7 +51,8 @@ class OnBadFile(str, enum.Enum):
 
 class SearchMode(str, enum.Enum):
     first_flip = "first_flip"  # try t_skips mildest first, keep the first edit that flips the oracle
-    bisect = "bisect"  # binary search over the ordered t_skips (assumes flipping is monotone in edit strength)
+    bisect = "bisect"  # binary search over the ordered t_skips, splits weighted by UNet cost (assumes flipping is
+    #                    monotone in edit strength)
     fixed = "fixed"  # one t_skip, no oracle needed
     sweep = "sweep"  # every t_skip x eta, for analysis
 

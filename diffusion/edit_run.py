@@ -199,6 +199,7 @@ def _edit_batch(cfg: EditConfig, editor: Editor, encoder, means: Dict[str, torch
         pred_before = probs_before.argmax(1)
         target_index = [list(oracle.classes).index(it.target) for it in items]
     inv, outcomes = editor.edit(images, e_src, mu_src, mu_tgt, target_index, generators, pred_before)
+    inversion_evals = inv.evals  # the edit's cost, before the strips (views) extend the inversion
     for k, it in enumerate(items):
         save_image(images[k], out / it.out_dir / "original.png")
     if cfg.views.enabled:
@@ -215,7 +216,8 @@ def _edit_batch(cfg: EditConfig, editor: Editor, encoder, means: Dict[str, torch
             "source_path": it.rel_path, "source_class": it.record.class_name, "target_class": it.target,
             "search": cfg.search.value, "t_skip": a.t_skip, "eta": a.eta, "guidance_scale": cfg.guidance_scale,
             "flipped": o.flipped, "l2": float(l2[n]), "lpips": float(dist[n]) if dist is not None else None,
-            "unet_evals": inv.evals + o.sampling_evals, "inversion_evals": inv.evals, "attempts": len(o.attempts),
+            "unet_evals": int(inversion_evals[o.image]) + o.sampling_evals,
+            "inversion_evals": int(inversion_evals[o.image]), "attempts": len(o.attempts),
             "seed": seeds[o.image], "original_path": f"{it.out_dir}/original.png",
             "counterfactual_path": f"{it.out_dir}/cf_{suffix}.png", "pair_path": f"{it.out_dir}/pair_{suffix}.png",
         }

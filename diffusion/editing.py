@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Protocol, Sequence
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
@@ -48,9 +48,41 @@ def ddpm_schedule(scheduler, num_inference_steps: int) -> Schedule:
 
 @dataclass
 class Inversion:
+    """Edit-friendly inversion of a batch, computed lazily: sampling from schedule index s needs the noise maps of
+    steps s..T-1 only, so :meth:`ensure` computes them the first time an attempt starts that deep. A search that stops
+    at a mild t_skip never pays for the strong ones; the maps it does compute are the ones a full inversion would give
+    (each z_t depends on its own w_t alone)."""
+
     ws: torch.Tensor  # (T + 1, B, C, h, w)
-    zs: torch.Tensor  # (T, B, C, h, w)
-    evals: int  # UNet evaluations per image
+    zs: torch.Tensor  # (T, B, C, h, w); valid for steps >= ready[b]
+    ready: torch.Tensor  # (B,) long: the noise maps of image b are computed for schedule indices >= ready[b]
+    counter: torch.Tensor  # (B,) long: UNet evaluations spent on each image's inversion so far
+    compute: Optional[Callable[["Inversion", List[tuple[int, int]]], None]] = None  # fills zs for (step, image)
+
+    @classmethod
+    def complete(cls, ws: torch.Tensor, zs: torch.Tensor) -> "Inversion":
+        """An inversion whose noise maps are all given (e.g. fresh noise for an SDEdit baseline)."""
+        B = ws.shape[1]
+        return cls(ws=ws, zs=zs, ready=torch.zeros(B, dtype=torch.long), counter=torch.zeros(B, dtype=torch.long))
+
+    @property
+    def evals(self) -> torch.Tensor:
+        """UNet evaluations spent per image so far, (B,)."""
+        return self.counter.clone()
+
+    def ensure(self, starts: torch.Tensor, image_of_row: torch.Tensor) -> None:
+        """Compute the noise maps that sampling rows starting at ``starts`` (A,) of images ``image_of_row`` need."""
+        need = self.ready.clone()
+        for s, b in zip(starts.tolist(), image_of_row.tolist()):
+            need[b] = min(int(need[b]), int(s))
+        todo = [(i, b) for b in range(len(need)) for i in range(int(need[b]), int(self.ready[b]))]
+        if not todo:
+            return
+        if self.compute is None:
+            raise ValueError("this inversion has no network to compute missing noise maps with")
+        todo.sort(key=lambda p: (-p[0], p[1]))  # mildest steps first, images side by side in one batch
+        self.compute(self, todo)
+        self.ready = torch.minimum(self.ready, need)
 
 
 @dataclass
@@ -79,15 +111,57 @@ class EditOutcome:
         return sum(a.evals for a in self.attempts)
 
 
+def bisect_plan(depths: Sequence[int], sample_cost: int = 2,
+                invert_cost: int = 1) -> Tuple[Dict[Tuple[int, int], int], int, float]:
+    """The binary search over ordered t_skips that spends the fewest UNet evaluations on average.
+
+    ``depths[k]`` is the number of denoising steps of the k-th t_skip (mildest first, non-decreasing). An attempt at k
+    costs ``sample_cost * depths[k]`` (two branches with guidance) plus the inversion steps not computed yet
+    (``invert_cost`` per step, see :class:`Inversion`). While no attempt has flipped, the inversion is as deep as the
+    strongest attempt so far, the one just below the open interval; once one has flipped, every candidate left is
+    milder and its inversion is paid for.
+
+    Among all binary search trees over the list (every one of them finds the first flipping index when flipping is
+    monotone) it picks the one with the least mean cost over the n + 1 possible answers (first flip at 0..n-1, or
+    none), each counted once, ties broken by the smaller worst case; the plain midpoint search is one of those trees,
+    so the mean is never above the midpoint's. When deeper edits cost more, the splits lean towards the cheap mild end
+    (on the demo's list an image that flips at the mildest t_skip costs one attempt, as with first_flip, instead of
+    three); with equal costs it is the midpoint search. Exact dynamic programme, O(n^3) once per run.
+
+    Returns ({(lo, hi): index to try} for every open interval [lo, hi] (hi = n: no flip seen yet), worst-case
+    evaluations, mean evaluations).
+    """
+    n = len(depths)
+    if any(b < a for a, b in zip(depths, depths[1:])) or any(d < 0 for d in depths):
+        raise ValueError(f"depths must be non-negative and non-decreasing (mildest first), got {list(depths)}")
+    best: Dict[Tuple[int, int], Tuple[int, int]] = {(k, k): (0, 0) for k in range(n + 1)}  # (total, worst)
+    split: Dict[Tuple[int, int], int] = {}
+    for size in range(1, n + 1):
+        for lo in range(0, n + 1 - size):
+            hi = lo + size
+            base = depths[lo - 1] if lo > 0 else 0  # the inversion depth while nothing has flipped
+            choice = None
+            for m in range(lo, hi):
+                cost = sample_cost * depths[m] + (invert_cost * max(0, depths[m] - base) if hi == n else 0)
+                (tot_l, worst_l), (tot_r, worst_r) = best[(lo, m)], best[(m + 1, hi)]
+                key = (cost * (hi - lo + 1) + tot_l + tot_r, cost + max(worst_l, worst_r))  # answers: lo..hi
+                if choice is None or key < choice[0]:
+                    choice = (key, m)
+            best[(lo, hi)], split[(lo, hi)] = choice
+    total, worst = best[(0, n)]
+    return split, worst, total / (n + 1)
+
+
 class Search:
     """Which t_skip to try next for one (image, eta), given what was tried; ``t_skips`` ordered mildest first.
 
-    first_flip: linear, stop at the first flip. bisect: binary search for the first flipping index, valid when
-    flipping is monotone in edit strength (about log2(n) attempts instead of up to n).
+    first_flip: linear, stop at the first flip (the paper's). bisect: binary search for the first flipping index,
+    valid when flipping is monotone in edit strength; ``plan`` (from :func:`bisect_plan`) picks each split by UNet
+    cost, else the midpoint.
     """
 
-    def __init__(self, mode: SearchMode, n: int):
-        self.mode, self.n = mode, n
+    def __init__(self, mode: SearchMode, n: int, plan: Optional[Dict[Tuple[int, int], int]] = None):
+        self.mode, self.n, self.plan = mode, n, plan
         self.lo, self.hi = 0, n  # the first flipping index lies in [lo, hi]; hi = n: none known yet
         self.tried: Dict[int, bool] = {}
 
@@ -98,6 +172,8 @@ class Search:
             return len(self.tried)
         if self.lo >= self.hi:
             return None
+        if self.plan is not None:
+            return self.plan[(self.lo, self.hi)]
         return (self.lo + self.hi) // 2
 
     def record(self, index: int, flipped: bool) -> None:
@@ -144,8 +220,9 @@ class Editor:
         return fn
 
     def invert(self, w0: torch.Tensor, e_src: torch.Tensor, generators: Sequence[torch.Generator]) -> Inversion:
-        """Edit-friendly inversion of a batch: independent forward noise per step (per-image generators), then the
-        noise maps under c_inv (null embedding, no CFG; or CFG on the image's own e at inversion_guidance)."""
+        """Edit-friendly inversion of a batch: independent forward noise per step (per-image generators); the noise
+        maps under c_inv (null embedding, no CFG; or CFG on the image's own e at inversion_guidance) are computed on
+        demand by :meth:`Inversion.ensure` (:meth:`run_attempts` calls it)."""
         B = w0.shape[0]
         noise = draw_forward_noise(w0.shape[1:], self.schedule.T, generators, device=w0.device)
         ws = forward_noise(w0, self.schedule, noise)
@@ -154,13 +231,20 @@ class Editor:
             fn = self._eps_fn(self.c0.expand(B, -1), None, counter)
         else:
             fn = self._eps_fn(e_src.float(), self.cfg.inversion_guidance, counter)
-        zs = edit_friendly_noise_maps(ws, self.schedule, fn, chunk_size=max(1, self.cfg.batch_size * 2))
-        return Inversion(ws=ws, zs=zs, evals=int(counter[0]))
+        chunk = max(1, self.cfg.batch_size * 2)
+
+        def compute(inv: Inversion, steps: List[tuple[int, int]]) -> None:
+            edit_friendly_noise_maps(inv.ws, self.schedule, fn, chunk_size=chunk, steps=steps, zs=inv.zs)
+
+        T = self.schedule.T
+        return Inversion(ws=ws, zs=torch.zeros_like(ws[:T]), ready=torch.full((B,), T, dtype=torch.long),
+                         counter=counter, compute=compute)
 
     def run_attempts(self, inv: Inversion, attempts: List[Attempt], e_edit: torch.Tensor) -> None:
         """Sample, decode and (with an oracle) classify a list of attempts in one batch; fills them in place."""
         starts = torch.tensor([step_index(self.schedule, a.t_skip) for a in attempts])
         image_of_row = torch.tensor([a.image for a in attempts])
+        inv.ensure(starts, image_of_row)
         counter = torch.zeros(len(attempts), dtype=torch.long)
         fn = self._eps_fn(e_edit, self.cfg.guidance_scale, counter)
         latents = sample(inv.ws, inv.zs, self.schedule, starts, fn, image_of_row=image_of_row)
@@ -206,7 +290,11 @@ class Editor:
             return inv, outcomes
         if self.oracle is None:
             raise ValueError(f"search: {mode.value} needs an oracle (set oracle_dir) or use search: fixed")
-        searches = {task: Search(mode, len(self.t_skips)) for task in tasks}
+        plan = None
+        if mode == SearchMode.bisect:
+            depths = [self.schedule.T - step_index(self.schedule, t) for t in self.t_skips]
+            plan, _, _ = bisect_plan(depths, 2, 1 if self.cfg.inversion == InversionCond.null else 2)
+        searches = {task: Search(mode, len(self.t_skips), plan) for task in tasks}
         tried: Dict[tuple, Dict[int, Attempt]] = {task: {} for task in tasks}
         while True:
             round_ = [(task, s.next()) for task, s in searches.items() if s.next() is not None]

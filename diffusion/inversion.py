@@ -117,25 +117,32 @@ def posterior_mean(w_t: torch.Tensor, eps: torch.Tensor, schedule: Schedule, ste
     return _bc(ap.sqrt(), w_t) * predict_x0(w_t, eps, a) + _bc(direction, w_t) * eps
 
 
-def edit_friendly_noise_maps(ws: torch.Tensor, schedule: Schedule, eps_fn: EpsFn, chunk_size: int = 8) -> torch.Tensor:
+def edit_friendly_noise_maps(ws: torch.Tensor, schedule: Schedule, eps_fn: EpsFn, chunk_size: int = 8,
+                             steps: Optional[Sequence[tuple[int, int]]] = None,
+                             zs: Optional[torch.Tensor] = None) -> torch.Tensor:
     """z_t = (w_{t'} - mu_t(w_t, eps_theta(w_t, t, c_inv))) / sigma_t for every step and image.
 
-    ws: (T + 1, B, C, H, W) from :func:`forward_noise`. Because every w_t was drawn independently from w_0, the T
-    network calls do not depend on one another: they are batched ``chunk_size`` latents at a time, across steps and
-    images. Steps with sigma_t = 0 get z_t = 0. Returns zs: (T, B, C, H, W) in ws's dtype.
+    ws: (T + 1, B, C, H, W) from :func:`forward_noise`. Because every w_t was drawn independently from w_0, the network
+    calls do not depend on one another: they are batched ``chunk_size`` latents at a time, across steps and images,
+    and any subset of them can be computed on its own, in any order, with the same result. ``steps`` lists the
+    (schedule index, image) pairs to compute (default: all); they are written into ``zs`` in place when given (else
+    into a new zero tensor). Steps with sigma_t = 0 get z_t = 0. Returns zs: (T, B, C, H, W) in ws's dtype.
     """
     T, B = schedule.T, ws.shape[1]
     sigma = schedule.sigma
-    zs = torch.zeros_like(ws[:T])
-    pairs = [(i, b) for i in range(T) if sigma[i] > 0 for b in range(B)]
+    if zs is None:
+        zs = torch.zeros_like(ws[:T])
+    if steps is None:
+        steps = [(i, b) for i in range(T) for b in range(B)]
+    pairs = [(i, b) for i, b in steps if sigma[i] > 0]
     for start in range(0, len(pairs), chunk_size):
         chunk = pairs[start:start + chunk_size]
-        steps = torch.tensor([i for i, _ in chunk])
+        idx = torch.tensor([i for i, _ in chunk])
         rows = torch.tensor([b for _, b in chunk])
-        w_t = ws[steps, rows]
-        eps = eps_fn(w_t, steps, rows)
-        mu = posterior_mean(w_t, eps, schedule, steps)
-        zs[steps, rows] = (ws[steps + 1, rows] - mu) / _bc(sigma[steps], mu)
+        w_t = ws[idx, rows]
+        eps = eps_fn(w_t, idx, rows)
+        mu = posterior_mean(w_t, eps, schedule, idx)
+        zs[idx, rows] = (ws[idx + 1, rows] - mu) / _bc(sigma[idx], mu)
     return zs
 
 

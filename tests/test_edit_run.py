@@ -44,10 +44,12 @@ def test_fixed_run_writes_every_output(tmp_path, tiny_model, blob_data):
     for r in rows:
         for key in ("original_path", "counterfactual_path", "pair_path"):
             assert (Path(cfg.output_dir) / r[key]).is_file()
-        assert int(r["unet_evals"]) == 10 + 2 * 4 and r["flipped"] == "" and float(r["l2"]) > 0
+        # T = 10, t_skip 0.6: 4 steps inverted (the strip's deeper inversion is not the edit's cost) + 4 guided steps
+        assert int(r["inversion_evals"]) == 4 and int(r["unet_evals"]) == 4 + 2 * 4
+        assert r["flipped"] == "" and float(r["l2"]) > 0
     saved = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
     assert saved["n_images"] == 6 and saved["t_skip_histogram"] == {"0.6": 12}
-    assert saved["unet_evals_per_image"] == 10 + 2 * 2 * 4  # one inversion, two etas of 4 guided steps
+    assert saved["unet_evals_per_image"] == 4 + 2 * 2 * 4  # one inversion, two etas of 4 guided steps
     assert summary["n_rows"] == 12
     for name in ("config.yaml", "run_info.json"):
         assert (Path(cfg.output_dir) / name).is_file()
@@ -139,7 +141,7 @@ def test_sweep_keeps_every_t_skip_and_eta_and_resumes_per_row(tmp_path, tiny_mod
     assert {(r["t_skip"], r["eta"]) for r in rows} == {("0.8", "0"), ("0.8", "2"), ("0.4", "0"), ("0.4", "2")}
     assert summary["t_skip_histogram"] == {"0.8": 8, "0.4": 8}
     # one inversion per image serves all four attempts
-    per_image = 10 + 2 * (2 * 2 + 2 * 6)
+    per_image = 6 + 2 * (2 * 2 + 2 * 6)  # inverted 6 steps deep (t_skip 0.4)
     assert summary["unet_evals_per_image"] == per_image
     edit_run.run_edits(cfg)
     assert len(_rows(cfg.output_dir)) == 16

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusion.config import EditConfig, InversionCond, ModelConfig, SearchMode
-from diffusion.editing import Editor, Search
+from diffusion.editing import Editor, Search, bisect_plan
 from diffusion.models import load_decoder, load_image_encoder
 
 T = 10
@@ -69,11 +69,12 @@ def test_fixed_search_counts_unet_evals_exactly(parts):
     decoder, encoder = parts
     images, e, mu_s, mu_t = _inputs(encoder, n=2)
     inv, outs = Editor(decoder, _cfg(), encoder.null_embedding()).edit(images, e, mu_s, mu_t, None, _gens(2))
-    assert inv.evals == T  # null-conditioned inversion: one evaluation per step
-    assert all(o.sampling_evals == 2 * (T - round(0.6 * T)) for o in outs)  # two branches per sampling step
+    depth = T - round(0.6 * T)  # sampling from T_skip needs the noise maps of the steps it runs, no more
+    assert inv.evals.tolist() == [depth, depth]  # null-conditioned inversion: one evaluation per step
+    assert all(o.sampling_evals == 2 * depth for o in outs)  # two branches per sampling step
     inv, _ = Editor(decoder, _cfg(inversion=InversionCond.source, inversion_guidance=2.0),
                     encoder.null_embedding()).edit(images, e, mu_s, mu_t, None, _gens(2))
-    assert inv.evals == 2 * T  # guided inversion: two per step
+    assert inv.evals.tolist() == [2 * depth, 2 * depth]  # guided inversion: two per step
 
 
 def test_first_flip_stops_at_the_first_flip_and_counts_evals(parts):
@@ -87,7 +88,7 @@ def test_first_flip_stops_at_the_first_flip_and_counts_evals(parts):
     assert never.calls == len(t_skips)  # one oracle batch per round, all images together
     for o in outs:
         assert [a.t_skip for a in o.attempts] == t_skips and o.chosen.t_skip == 0.0 and o.flipped is False
-        assert inv.evals + o.sampling_evals == T + sum(2 * (T - round(t * T)) for t in t_skips)
+        assert int(inv.evals[o.image]) + o.sampling_evals == T + sum(2 * (T - round(t * T)) for t in t_skips)
     # flips when the edit moved far enough: the chosen attempt is the first one that flipped
     ref = [o.chosen.picture for o in outs]
     dists = torch.stack([(r - images[o.image]).abs().mean() for r, o in zip(ref, outs)])
@@ -99,24 +100,57 @@ def test_first_flip_stops_at_the_first_flip_and_counts_evals(parts):
         flips = [bool(a.probs.argmax() == 1) for a in o.attempts]
         if o.flipped:
             assert flips[-1] and not any(flips[:-1]) and o.chosen is o.attempts[-1]
-        expected = T + sum(2 * (T - round(a.t_skip * T)) for a in o.attempts)
-        assert inv.evals + o.sampling_evals == expected
+        depth = max(T - round(a.t_skip * T) for a in o.attempts)  # inverted as deep as the strongest attempt
+        expected = depth + sum(2 * (T - round(a.t_skip * T)) for a in o.attempts)
+        assert int(inv.evals[o.image]) + o.sampling_evals == expected
     assert any(o.flipped for o in outs)
+
+
+def _simulate(search: Search, first, depths, invert_cost=1):
+    """Run a search against 'flips from index ``first`` on' (None: never); returns (chosen, UNet evaluations) with
+    the lazy inversion's cost rule: 2 evals per sampling step, inversion steps paid once, when first needed."""
+    cost = inverted = 0
+    while (k := search.next()) is not None:
+        cost += 2 * depths[k] + invert_cost * max(0, depths[k] - inverted)
+        inverted = max(inverted, depths[k])
+        search.record(k, first is not None and k >= first)
+    return search.chosen(), cost
 
 
 @pytest.mark.parametrize("first", [0, 1, 2, 3, 4, 6, 7, None])
 def test_search_state_machines(first):
     n = 8
-    flips = (lambda k: first is not None and k >= first)
-    for mode in (SearchMode.first_flip, SearchMode.bisect):
-        s = Search(mode, n)
-        while (k := s.next()) is not None:
-            s.record(k, flips(k))
-        assert s.chosen() == (first if first is not None else n - 1)
-        if mode == SearchMode.bisect:
+    depths = [1, 3, 5, 10, 20, 40, 70, 100]
+    plan, _, _ = bisect_plan(depths)
+    for mode, plan_ in ((SearchMode.first_flip, None), (SearchMode.bisect, None), (SearchMode.bisect, plan)):
+        s = Search(mode, n, plan_)
+        chosen, _ = _simulate(s, first, depths)
+        assert chosen == (first if first is not None else n - 1), (mode, plan_ is None)
+        if mode == SearchMode.bisect and plan_ is None:
             assert len(s.tried) <= 4  # ceil(log2(8)) + 1
-        else:
+        elif mode == SearchMode.first_flip:
             assert len(s.tried) == (first + 1 if first is not None else n)
+
+
+@pytest.mark.parametrize("depths", [[1, 3, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100],
+                                    [10, 20, 30, 40, 50, 60, 70, 80, 90, 100], [5] * 9, [0, 0, 4, 50]])
+@pytest.mark.parametrize("invert_cost", [1, 2])
+def test_bisect_plan_minimises_the_mean_cost(depths, invert_cost):
+    n = len(depths)
+    plan, worst, mean = bisect_plan(depths, 2, invert_cost)
+    outcomes = [*range(n), None]
+    weighted = [_simulate(Search(SearchMode.bisect, n, plan), f, depths, invert_cost) for f in outcomes]
+    midpoint = [_simulate(Search(SearchMode.bisect, n), f, depths, invert_cost) for f in outcomes]
+    costs, mid_costs = [c for _, c in weighted], [c for _, c in midpoint]
+    assert max(costs) == worst and sum(costs) / (n + 1) == pytest.approx(mean)  # the plan's own figures
+    assert mean <= sum(mid_costs) / (n + 1)  # never above the plain midpoint on average
+    assert [k for k, _ in weighted] == [k for k, _ in midpoint]  # the same answers when flipping is monotone
+    if len(set(depths)) == 1:  # equal costs: the midpoint search's mean
+        assert mean == pytest.approx(sum(mid_costs) / (n + 1))
+    if depths[0] == 1 and n == 13:  # the demo's list: the mildest flip costs one attempt, like first_flip
+        assert costs[0] == 2 * 1 + invert_cost
+    with pytest.raises(ValueError, match="non-decreasing"):
+        bisect_plan(list(reversed(depths)) + [-1])
 
 
 def test_bf16_model_runs_on_cpu_and_stays_close_to_fp32(tiny_model):
@@ -139,3 +173,44 @@ def test_bf16_model_runs_on_cpu_and_stays_close_to_fp32(tiny_model):
     assert decoder.unet.dtype == torch.bfloat16
     err = (pics[0] - pics[1]).abs().mean()
     assert err < 0.02, float(err)  # mean pixel difference in [0, 1]
+
+
+def test_lazy_inversion_computes_only_the_steps_sampling_needs_and_equals_the_full_one(parts):
+    decoder, encoder = parts
+    images, e, _, _ = _inputs(encoder, n=2)
+    editor = Editor(decoder, _cfg(), encoder.null_embedding())
+    w0 = decoder.encode(images)
+    with torch.inference_mode():
+        lazy = editor.invert(w0, e, _gens(2))
+        assert lazy.evals.tolist() == [0, 0] and lazy.ready.tolist() == [T, T]  # nothing computed up front
+        lazy.ensure(torch.tensor([8]), torch.tensor([1]))  # image 1 from step 8: steps 8, 9 of image 1 only
+        assert lazy.evals.tolist() == [0, 2] and lazy.ready.tolist() == [T, 8]
+        lazy.ensure(torch.tensor([5, 9]), torch.tensor([1, 0]))  # extends image 1 to 5 and starts image 0 at 9
+        assert lazy.evals.tolist() == [1, 5] and lazy.ready.tolist() == [9, 5]
+        lazy.ensure(torch.tensor([7]), torch.tensor([1]))  # already there: no network call
+        assert lazy.evals.tolist() == [1, 5]
+        full = editor.invert(w0, e, _gens(2))
+        full.ensure(torch.tensor([0, 0]), torch.tensor([0, 1]))
+        assert full.evals.tolist() == [T, T]
+    assert torch.equal(lazy.ws, full.ws)
+    # the same maps up to float32 batching (the UNet saw other batch companions); z is N(0, 1)-sized
+    torch.testing.assert_close(lazy.zs[9:, 0], full.zs[9:, 0], rtol=0, atol=1e-4)
+    torch.testing.assert_close(lazy.zs[5:, 1], full.zs[5:, 1], rtol=0, atol=1e-4)
+    assert lazy.zs[:9, 0].abs().max() == 0 and lazy.zs[:5, 1].abs().max() == 0  # never computed
+
+
+@pytest.mark.parametrize("mode", [SearchMode.first_flip, SearchMode.bisect])
+def test_searches_through_the_editor_count_the_lazy_inversion(parts, mode):
+    decoder, encoder = parts
+    images, e, mu_s, mu_t = _inputs(encoder, n=3)
+    t_skips = [0.9, 0.8, 0.7, 0.5, 0.3, 0.0]
+    oracle = DistanceOracle(images, threshold=0.0)  # every edit 'flips': the mildest t_skip is the answer
+    ed = Editor(decoder, _cfg(search=mode, t_skips=t_skips), encoder.null_embedding(), oracle)
+    inv, outs = ed.edit(images, e, mu_s, mu_t, [1, 1, 1], _gens(3), torch.zeros(3, dtype=torch.long))
+    for o in outs:
+        assert o.chosen.t_skip == 0.9 and o.flipped
+        depth = max(T - round(a.t_skip * T) for a in o.attempts)
+        assert int(inv.evals[o.image]) + o.sampling_evals == depth + sum(2 * (T - round(a.t_skip * T))
+                                                                        for a in o.attempts)
+    if mode == SearchMode.first_flip:
+        assert all(len(o.attempts) == 1 for o in outs)
