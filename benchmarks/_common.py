@@ -32,3 +32,24 @@ def weights_bytes(folder: Path) -> int:
 def default_model() -> Path:
     """The shipped demo model (assets/mini_digits)."""
     return REPO / "assets" / "mini_digits"
+
+
+def search_outcomes(mode: str, depths, invert_cost: int = 1, weighted: bool = True):
+    """For every possible first flipping index of an ordered t_skip list (mildest first), and none: the attempts a
+    ``mode`` search makes and the UNet evaluations it spends, with the run's cost rule (2 evaluations per guided
+    sampling step; each inversion step paid once, when an attempt first needs it). ``depths[k]`` = denoising steps of
+    the k-th t_skip; ``weighted=False`` gives bisect the plain midpoint splits. Returns a list of (first flip or None,
+    attempted indices, evaluations)."""
+    from diffusion.config import SearchMode
+    from diffusion.editing import Search, bisect_plan
+
+    plan = bisect_plan(depths, 2, invert_cost)[0] if mode == "bisect" and weighted else None
+    out = []
+    for first in [*range(len(depths)), None]:
+        s, cost, inverted = Search(SearchMode(mode), len(depths), plan), 0, 0
+        while (k := s.next()) is not None:
+            cost += 2 * depths[k] + invert_cost * max(0, depths[k] - inverted)
+            inverted = max(inverted, depths[k])
+            s.record(k, first is not None and k >= first)
+        out.append((first, sorted(s.tried), cost))
+    return out

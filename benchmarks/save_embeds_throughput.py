@@ -1,6 +1,9 @@
 """save_embeds throughput: images per second of the embedding pass against the bare image-encoder forward.
 
-    python benchmarks/save_embeds_throughput.py [--model DIR] [--images 256] [--batch 32]
+    python benchmarks/save_embeds_throughput.py [--model DIR] [--images 256] [--batch 32] [--dtype bfloat16]
+
+With the full-size random model of `benchmarks/peak_memory.py --full_size DIR` (ViT-bigG/14) the encoder dominates:
+    python benchmarks/save_embeds_throughput.py --model DIR --images 16 --batch 8 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ def main() -> None:
     parser.add_argument("--model", default=str(default_model()))
     parser.add_argument("--images", type=int, default=256, help="train images per class")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--dtype", default="auto", help="model.dtype (auto, float32, bfloat16, float16)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"data.root={tmp}/digits", f"model.decoder={args.model}/decoder", f"model.prior={args.model}/prior",
-                     f"data.num_samples={args.images}", f"batch_size={args.batch}", "data.classes=[0,1]"]
+                     f"data.num_samples={args.images}", f"batch_size={args.batch}", "data.classes=[0,1]",
+                     f"model.dtype={args.dtype}"]
         warm = load_config(EmbedsConfig, str(REPO / "configs/embeds/demo.yaml"),
                            [*overrides, f"output_dir={tmp}/warm", "data.num_samples=2"])
         save_embeddings(warm)  # exports the digits, warms the loaders
@@ -38,8 +43,8 @@ def main() -> None:
         wall = time.perf_counter() - start
         n = 2 * args.images
         x = torch.rand(args.batch, 3, 32, 32)
-        bare = best_time(lambda: encoder.embed(x)) / args.batch
-    print(f"model {args.model}, batch {args.batch}, torch threads {torch.get_num_threads()}")
+        bare = best_time(lambda: encoder.embed(x), repeats=3) / args.batch
+    print(f"model {args.model}, batch {args.batch}, dtype {args.dtype}, torch threads {torch.get_num_threads()}")
     print(f"save_embeds: {n} images in {wall:.2f} s = {n / wall:.1f} img/s (incl. reading and resizing PNGs)")
     print(f"bare encoder (processor + forward): {1 / bare:.1f} img/s")
     print(f"ratio (pipeline / bare): {(n / wall) * bare:.2f}")

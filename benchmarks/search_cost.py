@@ -20,26 +20,16 @@ import logging
 import tempfile
 from pathlib import Path
 
-from _common import REPO  # noqa: F401  (sets sys.path)
-from diffusion.config import EditConfig, InversionCond, SearchMode, load_config
+from _common import REPO, search_outcomes  # sets sys.path
+from diffusion.config import EditConfig, InversionCond, load_config
 from diffusion.edit_run import run_edits
-from diffusion.editing import Search, bisect_plan
 
 MODES = ("first_flip", "bisect")
 
 
 def outcome_costs(mode: str, depths, invert_cost: int, weighted: bool = True) -> list:
     """UNet evaluations of one (image, eta) under ``mode`` for every first-flip index, and none."""
-    plan = bisect_plan(depths, 2, invert_cost)[0] if weighted else None
-    costs = []
-    for first in [*range(len(depths)), None]:
-        s, cost, inverted = Search(SearchMode(mode), len(depths), plan), 0, 0
-        while (k := s.next()) is not None:
-            cost += 2 * depths[k] + invert_cost * max(0, depths[k] - inverted)
-            inverted = max(inverted, depths[k])
-            s.record(k, first is not None and k >= first)
-        costs.append(cost)
-    return costs
+    return [cost for _, _, cost in search_outcomes(mode, depths, invert_cost, weighted)]
 
 
 def main() -> None:
@@ -65,16 +55,18 @@ def main() -> None:
     keys = list(rows["first_flip"])
     print(f"config {args.config}; {len(keys)} edits; T {T}; t_skips {t_skips}")
     print("| search | UNet evals/image (measured) | same with eager inversion | worst case | worst / linear's worst "
-          "| mean over outcomes | flip rate | mean t_skip | t_skip differs from first_flip |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| mean over outcomes | most attempts | flip rate | mean t_skip | t_skip differs from first_flip |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for mode in MODES:
         s = summaries[mode]
         eager = sum(float(r["unet_evals"]) - float(r["inversion_evals"]) + T * invert_cost
                     for r in rows[mode].values()) / len(keys)
-        costs = outcome_costs(mode, depths, invert_cost)
+        outcomes = search_outcomes(mode, depths, invert_cost)
+        costs = [cost for _, _, cost in outcomes]
+        attempts = max(len(tried) for _, tried, _ in outcomes)
         differ = sum(rows[mode][k]["t_skip"] != rows["first_flip"][k]["t_skip"] for k in keys)
         print(f"| {mode} | {s['unet_evals_per_image']:.1f} | {eager:.1f} | {max(costs)} "
-              f"| {max(costs) / linear_worst:.2f} | {sum(costs) / len(costs):.0f} | {s['flip_rate']:.3f} "
+              f"| {max(costs) / linear_worst:.2f} | {sum(costs) / len(costs):.0f} | {attempts} | {s['flip_rate']:.3f} "
               f"| {s['t_skip_mean']:.3f} | {differ}/{len(keys)} |")
     mid = outcome_costs("bisect", depths, invert_cost, weighted=False)
     print(f"plain midpoint bisect (for comparison, not run): worst case {max(mid)}, mean over outcomes "
