@@ -27,6 +27,24 @@ from diffusion.edit_run import run_edits
 MODES = ("first_flip", "bisect")
 
 
+def worst_case_optimum(depths, invert_cost: int) -> tuple:
+    """(worst case, mean over outcomes) of the binary search tree that minimises the worst case alone (ties: the
+    mean), for comparison with bisect_plan's mean-optimal tree; same cost rule and dynamic programme."""
+    n = len(depths)
+    best = {(k, k): (0, 0) for k in range(n + 1)}  # (worst, total over the interval's outcomes)
+    for size in range(1, n + 1):
+        for lo in range(n + 1 - size):
+            hi, base = lo + size, (depths[lo - 1] if lo else 0)
+            options = []
+            for m in range(lo, hi):
+                cost = 2 * depths[m] + (invert_cost * max(0, depths[m] - base) if hi == n else 0)
+                (w_l, t_l), (w_r, t_r) = best[(lo, m)], best[(m + 1, hi)]
+                options.append((cost + max(w_l, w_r), cost * (hi - lo + 1) + t_l + t_r))
+            best[(lo, hi)] = min(options)
+    worst, total = best[(0, n)]
+    return worst, total / (n + 1)
+
+
 def outcome_costs(mode: str, depths, invert_cost: int, weighted: bool = True) -> list:
     """UNet evaluations of one (image, eta) under ``mode`` for every first-flip index, and none."""
     return [cost for _, _, cost in search_outcomes(mode, depths, invert_cost, weighted)]
@@ -71,6 +89,9 @@ def main() -> None:
     mid = outcome_costs("bisect", depths, invert_cost, weighted=False)
     print(f"plain midpoint bisect (for comparison, not run): worst case {max(mid)}, mean over outcomes "
           f"{sum(mid) / len(mid):.0f}")
+    opt_worst, opt_mean = worst_case_optimum(depths, invert_cost)
+    print(f"worst-case-optimal binary search (for comparison, not run): worst case {opt_worst} "
+          f"({opt_worst / linear_worst:.2f} of linear's), mean over outcomes {opt_mean:.0f}")
     print(f"linear worst case with the whole inversion up front (the paper's protocol): {eager_linear_worst}")
     print(f"bisect measured / linear's worst case: {summaries['bisect']['unet_evals_per_image'] / linear_worst:.2f}; "
           f"bisect measured / first_flip measured: "
