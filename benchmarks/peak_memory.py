@@ -7,8 +7,9 @@ and against the bare interpreter with torch/diffusers/transformers imported.
 --full_size measures the editing run on a model with the full Kandinsky 2.2 architecture (the published UNet, MoVQ
 and ViT-bigG/14 configs of benchmarks/gpu_estimate.py, 3.2 B parameters) and random bf16 weights, written to DIR on
 first use (6.3 GB), so the weights dominate the import cost as they do on a GPU: kandinsky_eval with model.dtype
-bfloat16, `search: fixed` (t_skip 0.7, T 10: no oracle needed), two images at the model's 512 px, on a few generated
-images. It takes several minutes on a CPU.
+bfloat16, `search: fixed` (t_skip 0.7, T 10: no oracle needed), two images at the model's 512 px, and
+kandinsky_lora_train for two bf16-autocast steps of batch 2, on a few generated images. About three minutes on a
+2-core CPU with AMX-bf16 (plus a minute to write the model).
 """
 
 from __future__ import annotations
@@ -74,22 +75,30 @@ def full_size(folder: str, image_size: int) -> None:
     base = peak_rss_mb([sys.executable, "-c", "import torch, diffusers, transformers, accelerate, peft"])
     with tempfile.TemporaryDirectory() as tmp:
         write_digit_folder(Path(tmp) / "data")
-        cmd = [sys.executable, "kandinsky_eval.py", "--config_path", "configs/edit/demo.yaml",
-               f"model.decoder={out}/decoder", f"model.prior={out}/prior", "model.dtype=bfloat16",
-               f"model.image_size={image_size}", "data.name=folder", f"data.root={tmp}/data", "data.num_samples=1",
-               "search=fixed", "t_skip=0.7", "num_inference_steps=10",
-               "oracle_dir=null", "views.enabled=false", "batch_size=2", f"output_dir={tmp}/edit",
-               f"embeds_dir={tmp}/embeds"]
-        peak = peak_rss_mb(cmd)
+        common = [f"model.decoder={out}/decoder", f"model.prior={out}/prior", f"model.image_size={image_size}",
+                  "data.name=folder", f"data.root={tmp}/data"]
+        runs = {
+            "kandinsky_eval (bf16, search fixed, T 10, batch 2)": [
+                sys.executable, "kandinsky_eval.py", "--config_path", "configs/edit/demo.yaml", *common,
+                "model.dtype=bfloat16", "data.num_samples=1", "search=fixed", "t_skip=0.7", "num_inference_steps=10",
+                "oracle_dir=null", "views.enabled=false", "batch_size=2", f"output_dir={tmp}/edit",
+                f"embeds_dir={tmp}/embeds"],
+            "kandinsky_lora_train (bf16 autocast, batch 2, 2 steps)": [
+                sys.executable, "kandinsky_lora_train.py", "--config_path", "configs/lora/demo.yaml", *common,
+                "mixed_precision=bf16", "train_batch_size=2", "max_train_steps=2", "checkpointing_steps=2",
+                "validation_steps=null", f"output_dir={tmp}/lora"],
+        }
+        peaks = {name: peak_rss_mb(cmd) for name, cmd in runs.items()}
         summary = json.loads((Path(tmp) / "edit" / "summary.json").read_text())
-    print(f"the run edited {summary['n_rows']} images, {summary['unet_evals_per_image']:.0f} UNet evaluations and "
-          f"{summary['seconds_per_image']:.1f} s per image")
+    print(f"the editing run edited {summary['n_rows']} images, {summary['unet_evals_per_image']:.0f} UNet evaluations "
+          f"and {summary['seconds_per_image']:.1f} s per image")
     print(f"full-size Kandinsky 2.2 architecture, random bf16 weights: {weights:.0f} MB on disk; {image_size} px; "
           f"import baseline {base:.0f} MB")
     print("| entry point | peak RSS | above import baseline | above baseline / weights | target 1.5 x weights + 300 MB |")
     print("| --- | --- | --- | --- | --- |")
-    print(f"| kandinsky_eval (search fixed, T 10) | {peak:.0f} MB | {peak - base:.0f} MB | "
-          f"{(peak - base) / weights:.2f} | {1.5 * weights + 300:.0f} MB |")
+    for name, peak in peaks.items():
+        print(f"| {name} | {peak:.0f} MB | {peak - base:.0f} MB | {(peak - base) / weights:.2f} | "
+              f"{1.5 * weights + 300:.0f} MB |")
 
 
 def main() -> None:
@@ -110,6 +119,9 @@ def main() -> None:
             "kandinsky_eval (demo)": [sys.executable, "kandinsky_eval.py", "--config_path", "configs/edit/demo.yaml",
                                       f"output_dir={tmp}/edit", f"embeds_dir={tmp}/embeds", f"data.root={tmp}/digits",
                                       *model],
+            "kandinsky_lora_train (demo)": [sys.executable, "kandinsky_lora_train.py", "--config_path",
+                                            "configs/lora/demo.yaml", f"output_dir={tmp}/lora",
+                                            f"data.root={tmp}/digits", *model],
         }
         print(f"model {args.model}: weights {weights:.1f} MB on disk; "
               f"python + torch/diffusers/transformers/accelerate/peft imported: {base:.0f} MB")
