@@ -174,8 +174,8 @@ def _edit_items(cfg: EditConfig, items: List[EditItem], classes: List[str], writ
             for it in by_path[path]:
                 batch_items.append(it)
                 rows_of.append(k)
-        images = batch["pixel_values"][rows_of]
-        rows = _edit_batch(cfg, editor, encoder, means, oracle, lpips, batch_items, images, done)
+        rows = _edit_batch(cfg, editor, encoder, means, oracle, lpips, batch_items, batch["pixel_values"], rows_of,
+                           done)
         seconds = (time.perf_counter() - start) / max(1, len(batch_items))
         for row in rows:
             row["seconds"] = seconds / sum(1 for r in rows if r["source_path"] == row["source_path"])
@@ -185,20 +185,25 @@ def _edit_items(cfg: EditConfig, items: List[EditItem], classes: List[str], writ
 
 
 def _edit_batch(cfg: EditConfig, editor: Editor, encoder, means: Dict[str, torch.Tensor], oracle, lpips,
-                items: List[EditItem], images: torch.Tensor, done: set) -> List[Dict[str, object]]:
+                items: List[EditItem], sources: torch.Tensor, source_of: List[int],
+                done: set) -> List[Dict[str, object]]:
+    """Edit the items of one loader batch: ``sources`` (U, 3, H, W) the distinct images, ``source_of`` the image of
+    each item (an image with several target classes is embedded, classified and inverted once)."""
     out = Path(cfg.output_dir)
-    e_src = encoder.embed(images)
+    images = sources[source_of]  # per item
+    e_src = encoder.embed(sources)[source_of]
     mu_src = torch.stack([means[it.record.class_name] for it in items])
     mu_tgt = torch.stack([means[it.target] for it in items])
     seeds = [image_seed(cfg.seed, it.rel_path) for it in items]
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    first_item = {u: k for k, u in reversed(list(enumerate(source_of)))}
+    generators = [torch.Generator().manual_seed(seeds[first_item[u]]) for u in range(len(sources))]
     probs_before = pred_before = target_index = None
     if oracle is not None:
         with torch.inference_mode():
-            probs_before = oracle(images).float().cpu()
+            probs_before = oracle(sources).float().cpu()[source_of]
         pred_before = probs_before.argmax(1)
         target_index = [list(oracle.classes).index(it.target) for it in items]
-    inv, outcomes = editor.edit(images, e_src, mu_src, mu_tgt, target_index, generators, pred_before)
+    inv, outcomes = editor.edit(sources, e_src, mu_src, mu_tgt, target_index, generators, pred_before, source_of)
     inversion_evals = inv.evals  # the edit's cost, before the strips (views) extend the inversion
     for k, it in enumerate(items):
         save_image(images[k], out / it.out_dir / "original.png")

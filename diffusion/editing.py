@@ -53,11 +53,12 @@ class Inversion:
     at a mild t_skip never pays for the strong ones; the maps it does compute are the ones a full inversion would give
     (each z_t depends on its own w_t alone)."""
 
-    ws: torch.Tensor  # (T + 1, B, C, h, w)
-    zs: torch.Tensor  # (T, B, C, h, w); valid for steps >= ready[b]
-    ready: torch.Tensor  # (B,) long: the noise maps of image b are computed for schedule indices >= ready[b]
-    counter: torch.Tensor  # (B,) long: UNet evaluations spent on each image's inversion so far
+    ws: torch.Tensor  # (T + 1, U, C, h, w), U source images
+    zs: torch.Tensor  # (T, U, C, h, w); valid for steps >= ready[u]
+    ready: torch.Tensor  # (U,) long: the noise maps of image u are computed for schedule indices >= ready[u]
+    counter: torch.Tensor  # (U,) long: UNet evaluations spent on each image's inversion so far
     compute: Optional[Callable[["Inversion", List[tuple[int, int]]], None]] = None  # fills zs for (step, image)
+    source_of: Optional[torch.Tensor] = None  # (B,) long: the image of each edit item (None: item b is image b)
 
     @classmethod
     def complete(cls, ws: torch.Tensor, zs: torch.Tensor) -> "Inversion":
@@ -65,13 +66,20 @@ class Inversion:
         B = ws.shape[1]
         return cls(ws=ws, zs=zs, ready=torch.zeros(B, dtype=torch.long), counter=torch.zeros(B, dtype=torch.long))
 
+    def images_of(self, items: torch.Tensor) -> torch.Tensor:
+        """The inverted image (index into ws / zs) of each edit item."""
+        items = items.long().cpu()
+        return items if self.source_of is None else self.source_of[items]
+
     @property
     def evals(self) -> torch.Tensor:
-        """UNet evaluations spent per image so far, (B,)."""
-        return self.counter.clone()
+        """UNet evaluations spent so far on the inversion of each item's image, (B,) (items of one image share it)."""
+        items = torch.arange(len(self.counter) if self.source_of is None else len(self.source_of))
+        return self.counter[self.images_of(items)].clone()
 
     def ensure(self, starts: torch.Tensor, image_of_row: torch.Tensor) -> None:
-        """Compute the noise maps that sampling rows starting at ``starts`` (A,) of images ``image_of_row`` need."""
+        """Compute the noise maps that sampling rows starting at ``starts`` (A,) of images ``image_of_row`` (indices
+        into ws / zs, see :meth:`images_of`) need."""
         need = self.ready.clone()
         for s, b in zip(starts.tolist(), image_of_row.tolist()):
             need[b] = min(int(need[b]), int(s))
@@ -87,7 +95,7 @@ class Inversion:
 
 @dataclass
 class Attempt:
-    image: int  # index in the batch
+    image: int  # the edit item's index in the batch (an image and a target class; see Editor.edit)
     eta: float
     t_skip: float
     latent: Optional[torch.Tensor] = None
@@ -219,10 +227,12 @@ class Editor:
 
         return fn
 
-    def invert(self, w0: torch.Tensor, e_src: torch.Tensor, generators: Sequence[torch.Generator]) -> Inversion:
+    def invert(self, w0: torch.Tensor, e_src: torch.Tensor, generators: Sequence[torch.Generator],
+               source_of: Optional[torch.Tensor] = None) -> Inversion:
         """Edit-friendly inversion of a batch: independent forward noise per step (per-image generators); the noise
         maps under c_inv (null embedding, no CFG; or CFG on the image's own e at inversion_guidance) are computed on
-        demand by :meth:`Inversion.ensure` (:meth:`run_attempts` calls it)."""
+        demand by :meth:`Inversion.ensure` (:meth:`run_attempts` calls it). w0 (U, C, h, w), e_src (U, D) and
+        ``generators`` are per image; ``source_of`` maps edit items to images when an image has several targets."""
         B = w0.shape[0]
         noise = draw_forward_noise(w0.shape[1:], self.schedule.T, generators, device=w0.device)
         ws = forward_noise(w0, self.schedule, noise)
@@ -238,12 +248,12 @@ class Editor:
 
         T = self.schedule.T
         return Inversion(ws=ws, zs=torch.zeros_like(ws[:T]), ready=torch.full((B,), T, dtype=torch.long),
-                         counter=counter, compute=compute)
+                         counter=counter, compute=compute, source_of=source_of)
 
     def run_attempts(self, inv: Inversion, attempts: List[Attempt], e_edit: torch.Tensor) -> None:
         """Sample, decode and (with an oracle) classify a list of attempts in one batch; fills them in place."""
         starts = torch.tensor([step_index(self.schedule, a.t_skip) for a in attempts])
-        image_of_row = torch.tensor([a.image for a in attempts])
+        image_of_row = inv.images_of(torch.tensor([a.image for a in attempts]))
         inv.ensure(starts, image_of_row)
         counter = torch.zeros(len(attempts), dtype=torch.long)
         fn = self._eps_fn(e_edit, self.cfg.guidance_scale, counter)
@@ -263,14 +273,27 @@ class Editor:
     @torch.inference_mode()
     def edit(self, images: torch.Tensor, e_src: torch.Tensor, mu_src: torch.Tensor, mu_tgt: torch.Tensor,
              target_index: Sequence[int], generators: Sequence[torch.Generator],
-             pred_before: Optional[torch.Tensor] = None) -> tuple[Inversion, List[EditOutcome]]:
-        """Edit a batch: images (B, 3, H, W) in [0, 1], e_src (B, D), per-image class means mu_src/mu_tgt (B, D),
-        ``target_index`` the oracle column of each image's target class, ``pred_before`` the oracle's argmax on the
-        originals. Returns the inversion and one outcome per (image, eta)."""
+             pred_before: Optional[torch.Tensor] = None,
+             source_of: Optional[Sequence[int]] = None) -> tuple[Inversion, List[EditOutcome]]:
+        """Edit a batch of B items (an image and a target class each) made of U distinct images.
+
+        images (U, 3, H, W) in [0, 1] and ``generators`` (U) are per image; per item: e_src (B, D) the source
+        embedding, mu_src / mu_tgt (B, D) the class means, ``target_index`` the oracle column of the target class,
+        ``pred_before`` the oracle's argmax on the original; ``source_of`` (B) the image of each item (default: item b
+        is image b, U = B). An image with several targets is encoded and inverted once for all of them. Returns the
+        inversion and one outcome per (item, eta)."""
+        U = images.shape[0]
+        source = torch.arange(U) if source_of is None else torch.as_tensor(list(source_of), dtype=torch.long)
+        if source.numel() != e_src.shape[0] or (source.numel() and (source.min() < 0 or source.max() >= U)):
+            raise ValueError(f"source_of must give each of the {e_src.shape[0]} items an image in 0..{U - 1}")
+        first_item = {int(u): b for b, u in reversed(list(enumerate(source.tolist())))}
+        if len(first_item) != U:
+            raise ValueError("every image must belong to at least one item")
         w0 = self.decoder.encode(images)
-        inv = self.invert(w0, e_src, generators)
+        inv = self.invert(w0, e_src[[first_item[u] for u in range(U)]], generators,
+                          None if source_of is None else source)
         etas = list(self.cfg.eta)
-        tasks = [(b, eta) for b in range(len(images)) for eta in etas]
+        tasks = [(b, eta) for b in range(source.numel()) for eta in etas]
         e_edit = {(b, eta): edit_embedding(e_src[b:b + 1], mu_src[b], mu_tgt[b], eta)[0] for b, eta in tasks}
         mode = self.cfg.search
         if mode == SearchMode.fixed:

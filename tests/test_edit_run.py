@@ -145,3 +145,35 @@ def test_sweep_keeps_every_t_skip_and_eta_and_resumes_per_row(tmp_path, tiny_mod
     assert summary["unet_evals_per_image"] == per_image
     edit_run.run_edits(cfg)
     assert len(_rows(cfg.output_dir)) == 16
+
+
+def test_three_classes_an_image_with_two_targets_is_inverted_once(tmp_path, tiny_model, blob_data, monkeypatch):
+    from conftest import write_blob_images
+
+    from diffusion.models import Decoder
+
+    write_blob_images(blob_data, "train", "class_c", 6)
+    write_blob_images(blob_data, "test", "class_c", 3, seed=1)
+    cfg = _cfg(tmp_path, tiny_model, blob_data, **{"directions": "[[class_a,class_b],[class_a,class_c]]",
+                                                    "views.enabled": "false", "data.num_samples": 2})
+    rows_evaluated = []
+    real_eps = Decoder.eps
+
+    def counting_eps(self, w, *args, **kwargs):
+        rows_evaluated.append(len(w))
+        return real_eps(self, w, *args, **kwargs)
+
+    monkeypatch.setattr(Decoder, "eps", counting_eps)
+    summary = edit_run.run_edits(cfg)
+    # the UNet really ran 2 images x 4 inversion steps + 4 edits x 4 guided steps x 2 branches (not 4 inversions)
+    assert sum(rows_evaluated) == 2 * 4 + 4 * 4 * 2
+    rows = _rows(cfg.output_dir)
+    assert sorted((r["source_path"], r["target_class"]) for r in rows) == sorted(
+        (f"test/class_a/{i:03d}.png", t) for i in range(2) for t in ("class_b", "class_c"))
+    for r in rows:  # T = 10, t_skip 0.6: 4 inversion steps shared by the two targets, 4 guided steps per row
+        assert int(r["inversion_evals"]) == 4 and int(r["unet_evals"]) == 4 + 2 * 4
+    assert summary["unet_evals_per_image"] == 4 + 2 * (2 * 4)  # one inversion, two targets' sampling
+    by_image = {}
+    for r in rows:
+        by_image.setdefault(r["source_path"], set()).add(r["counterfactual_path"])
+    assert all(len(paths) == 2 for paths in by_image.values())  # one edit per target, in separate folders

@@ -214,3 +214,25 @@ def test_searches_through_the_editor_count_the_lazy_inversion(parts, mode):
                                                                         for a in o.attempts)
     if mode == SearchMode.first_flip:
         assert all(len(o.attempts) == 1 for o in outs)
+
+
+def test_an_image_with_several_targets_is_inverted_once_and_edits_as_if_alone(parts):
+    decoder, encoder = parts
+    images, e, mu_s, _ = _inputs(encoder, n=2)
+    g = torch.Generator().manual_seed(5)
+    mu_t = torch.randn(3, 32, generator=g) * 0.1  # image 0 goes to two targets, image 1 to one
+    source_of = [0, 0, 1]
+    editor = Editor(decoder, _cfg(t_skip=0.5), encoder.null_embedding())
+    shared_inv, shared = editor.edit(images, e[source_of], mu_s[:1].expand(3, -1), mu_t, None, _gens(2), source_of=source_of)
+    dup_inv, dup = editor.edit(images[source_of], e[source_of], mu_s[:1].expand(3, -1), mu_t, None,
+                               [torch.Generator().manual_seed(10 + u) for u in source_of])
+    depth = T - round(0.5 * T)
+    assert shared_inv.counter.tolist() == [depth, depth]  # two inversions, not three
+    assert dup_inv.counter.tolist() == [depth, depth, depth]
+    assert shared_inv.evals.tolist() == [depth, depth, depth]  # each item reports its image's inversion
+    for a, b in zip(shared, dup):
+        assert a.image == b.image
+        assert (a.chosen.picture - b.chosen.picture).abs().max() < 1e-3  # same seeds: the same edit
+    assert (shared[0].chosen.picture - shared[1].chosen.picture).abs().max() > 1e-3  # different targets differ
+    with pytest.raises(ValueError, match="source_of"):
+        editor.edit(images, e[source_of], mu_s[:1].expand(3, -1), mu_t, None, _gens(2), source_of=[0, 0, 2])
