@@ -278,8 +278,8 @@ def finish_run(cfg: EditConfig) -> Dict[str, object]:
         log.warning("class-mean geometry not computed: %s", err)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     log.info("results: %s (%d rows); flip rate %s, LPIPS (flipped) %s, UNet evals/image %s",
-             out / "results.csv", len(rows), fmt(summary["flip_rate"]), fmt(summary["lpips_mean"]),
-             fmt(summary["unet_evals_per_image"]))
+             out / "results.csv", len(rows), fmt(summary["flip_rate"]) or "n/a (no oracle)",
+             fmt(summary["lpips_mean"]) or "n/a", fmt(summary["unet_evals_per_image"]))
     if cfg.views.enabled:
         from diffusion.gallery import write_views
 
