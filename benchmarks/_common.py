@@ -14,12 +14,20 @@ sys.path.insert(0, str(REPO))
 
 def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
     """The fastest of ``repeats`` timed calls (seconds), after ``warmup`` untimed ones: the least disturbed figure."""
+    import torch
+
+    def sync() -> None:  # CUDA calls return before the work is done
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return min(times)
 

@@ -2,6 +2,11 @@
 time per evaluation at the same batch size). 1.0 would mean the run does nothing but UNet calls.
 
     python benchmarks/edit_overhead.py [--model DIR] [--images 16] [--steps 50] [--batch 1 8]
+    python benchmarks/edit_overhead.py --decoder kandinsky-community/kandinsky-2-2-decoder \
+        --prior kandinsky-community/kandinsky-2-2-prior --device cuda --dtype bfloat16     (on a GPU)
+
+The run edits digits (resized to the model's own size) with `search: fixed` at t_skip 0.5, so every image costs the
+same number of UNet evaluations and no oracle is needed.
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ def bare_eval_seconds(cfg: EditConfig, batch: int) -> float:
     c = decoder.latent_channels
     s = decoder.latent_size
     d = decoder.unet.config.encoder_hid_dim
-    w = torch.randn(batch, c, s, s)
-    e = torch.randn(batch, d)
-    t = torch.full((batch,), 500)
+    w = torch.randn(batch, c, s, s, device=decoder.device)
+    e = torch.randn(batch, d, device=decoder.device)
+    t = torch.full((batch,), 500, device=decoder.device)
     with torch.inference_mode():
         return best_time(lambda: decoder.eps(w, t, e), repeats=5) / batch
 
@@ -38,9 +43,16 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16, help="images per class and direction")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--decoder", help="decoder folder or hub id (default: MODEL/decoder)")
+    parser.add_argument("--prior", help="prior folder or hub id (default: MODEL/prior)")
+    parser.add_argument("--device", default="cpu", help="model.device: cpu, cuda, auto, ...")
+    parser.add_argument("--dtype", default="auto", help="model.dtype: auto, float32, bfloat16, float16")
     args = parser.parse_args()
+    decoder_src = args.decoder or f"{args.model}/decoder"
+    prior_src = args.prior or f"{args.model}/prior"
     logging.basicConfig(level=logging.WARNING)
-    print(f"model {args.model}, T={args.steps}, torch threads {torch.get_num_threads()}")
+    print(f"model {decoder_src}, device {args.device}, dtype {args.dtype}, T={args.steps}, "
+          f"torch threads {torch.get_num_threads()}")
     print("| batch | images | UNet evals/image | s/image | bare s/eval | overhead |")
     print("| --- | --- | --- | --- | --- | --- |")
     for batch in args.batch:
@@ -48,7 +60,8 @@ def main() -> None:
             def config(out: str, per_class: int) -> EditConfig:
                 return load_config(EditConfig, str(REPO / "configs/edit/demo.yaml"), [
                     f"output_dir={out}", f"embeds_dir={tmp}/embeds", f"data.root={tmp}/digits",
-                    f"model.decoder={args.model}/decoder", f"model.prior={args.model}/prior",
+                    f"model.decoder={decoder_src}", f"model.prior={prior_src}", f"model.device={args.device}",
+                    f"model.dtype={args.dtype}", f"model.local_files_only={args.decoder is None}",
                     f"data.num_samples={per_class}", f"num_inference_steps={args.steps}", "search=fixed",
                     "t_skip=0.5", f"batch_size={batch}", "views.enabled=false", "lpips=false", "oracle_dir=null",
                     "compute_missing_embeds=true",
