@@ -124,7 +124,8 @@ def edit_friendly_noise_maps(ws: torch.Tensor, schedule: Schedule, eps_fn: EpsFn
 
     ws: (T + 1, B, C, H, W) from :func:`forward_noise`. Because every w_t was drawn independently from w_0, the network
     calls do not depend on one another: they are batched ``chunk_size`` latents at a time, across steps and images,
-    and any subset of them can be computed on its own, in any order, with the same result. ``steps`` lists the
+    and any subset of them can be computed on its own, in any order, with the same maps (up to the network's
+    batch-dependent rounding). ``steps`` lists the
     (schedule index, image) pairs to compute (default: all); they are written into ``zs`` in place when given (else
     into a new zero tensor). Steps with sigma_t = 0 get z_t = 0. Returns zs: (T, B, C, H, W) in ws's dtype.
     """
