@@ -54,18 +54,20 @@ def embed_json(data: object) -> str:
 
 
 def render_page(template: str, title: str, script: str, data: object) -> str:
-    """A template from ``templates/`` with ``{{ title }}``, ``{{ css }}``, ``{{ js }}`` and ``{{ data }}`` filled in
-    one pass (text put in is never scanned for further fields)."""
+    """A template from ``templates/`` with ``{{ title }}``, ``{{ css }}``, ``{{ js }}`` (dom.js, then ``script``) and
+    ``{{ data }}`` filled in one pass (text put in is never scanned for further fields)."""
     css = (TEMPLATES / "gallery.css").read_text(encoding="utf-8")
-    js = (TEMPLATES / script).read_text(encoding="utf-8")
+    js = "\n".join((TEMPLATES / name).read_text(encoding="utf-8") for name in ("dom.js", script))
     if "</" in css or "</script" in js.lower():
-        raise ValueError(f"templates/{script} or gallery.css contains '</': it would end the inline block early")
+        raise ValueError(f"templates/{script}, dom.js or gallery.css contains '</': it would end the inline block "
+                         "early")
     title = escape(title).encode("ascii", "xmlcharrefreplace").decode("ascii")
     fields = {"title": title, "css": css, "js": js, "data": embed_json(data)}
     page = (TEMPLATES / template).read_text(encoding="utf-8")
     page = re.sub(r"\{\{ (\w+) \}\}", lambda m: fields[m.group(1)], page)
     if not page.isascii():
-        raise ValueError(f"templates/{template}, {script} or gallery.css holds non-ASCII text: write it as an escape")
+        raise ValueError(f"templates/{template}, {script}, dom.js or gallery.css holds non-ASCII text: write it as "
+                         "an escape")
     return page
 
 

@@ -8,22 +8,6 @@
   var EAGER_CARDS = 24;  // the first cards load at once; later ones when scrolled near (large runs stay light)
 
   // ---- small helpers ------------------------------------------------------------------------------------------
-  function el(tag, attrs) {
-    var node = document.createElement(tag);
-    Object.keys(attrs || {}).forEach(function (key) {
-      var value = attrs[key];
-      if (value === null || value === undefined || value === false) return;
-      if (key === "text") node.textContent = value;
-      else if (key === "className") node.className = value;
-      else node.setAttribute(key, value === true ? "" : value);
-    });
-    for (var i = 2; i < arguments.length; i++) {
-      var child = arguments[i];
-      if (child === null || child === undefined) continue;
-      node.appendChild(typeof child === "string" ? document.createTextNode(child) : child);
-    }
-    return node;
-  }
   function num(value, digits) {
     if (value === null || value === undefined || isNaN(value)) return DASH;
     return Number(value).toFixed(digits === undefined ? 3 : digits);

@@ -8,22 +8,6 @@
   var screens = ["intro", "lesson", "quiz", "result"];
   var state = {index: 0, answers: [], shownAt: 0, waiting: false};
 
-  function el(tag, attrs) {
-    var node = document.createElement(tag);
-    Object.keys(attrs || {}).forEach(function (key) {
-      var value = attrs[key];
-      if (value === null || value === undefined || value === false) return;
-      if (key === "text") node.textContent = value;
-      else if (key === "className") node.className = value;
-      else node.setAttribute(key, value === true ? "" : value);
-    });
-    for (var i = 2; i < arguments.length; i++) {
-      var child = arguments[i];
-      if (child === null || child === undefined) continue;
-      node.appendChild(typeof child === "string" ? document.createTextNode(child) : child);
-    }
-    return node;
-  }
   function $(id) { return document.getElementById(id); }
   function show(name) {
     screens.forEach(function (s) { $(s).hidden = s !== name; });

@@ -1,0 +1,21 @@
+// Shared by gallery.js and quiz.js (diffusion/gallery.py inlines it before each page's script).
+"use strict";
+
+// el("div", {className: "card", text: "..."}, child, ...): an element with attributes (null/false ones left out;
+// true as a bare attribute) and children (strings become text nodes; null children skipped).
+function el(tag, attrs) {
+  var node = document.createElement(tag);
+  Object.keys(attrs || {}).forEach(function (key) {
+    var value = attrs[key];
+    if (value === null || value === undefined || value === false) return;
+    if (key === "text") node.textContent = value;
+    else if (key === "className") node.className = value;
+    else node.setAttribute(key, value === true ? "" : value);
+  });
+  for (var i = 2; i < arguments.length; i++) {
+    var child = arguments[i];
+    if (child === null || child === undefined) continue;
+    node.appendChild(typeof child === "string" ? document.createTextNode(child) : child);
+  }
+  return node;
+}
