@@ -13,6 +13,18 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """One torch thread for a module of many small-op trainings: results do not depend on the machine's core count,
+    and on a shared 2-core CPU extra threads only spin on OpenMP barriers."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A freshly built tiny model folder (decoder/, prior/), made through the same code as the shipped one."""

@@ -46,13 +46,7 @@ def _write_images(folder: Path, n: int, colour: tuple, seed: int) -> None:
         Image.fromarray(img).save(folder / f"{i:02d}.png")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to gain from threads; on a shared 2-core CPU extra threads only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # one torch thread for every test here (conftest)
 
 
 @pytest.fixture(scope="module")

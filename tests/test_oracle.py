@@ -50,15 +50,7 @@ def write_shapes(root: Path, split: str, n: int, seed: int) -> None:
             Image.fromarray(img).save(folder / f"{i:03d}.png")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One CPU thread for this module: float reductions (and with them the from-scratch training runs whose accuracy
-    is checked) then come out the same whatever the machine's core count, and a busy machine does not stall the
-    many small ops of these networks on OpenMP barriers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # one torch thread for every test here (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -318,7 +310,7 @@ def test_train_classifiers_script_runs_the_demo_config(tmp_path) -> None:
     cmd = [sys.executable, "scripts/train_classifiers.py", "--config_path", "configs/classifier/demo.yaml",
            f"output_dir={out}", f"data.root={tmp_path / 'digits'}", "data.num_samples=12", "epochs=1",
            "architectures=[mobilenet_v2]"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the one_thread fixture, for the same reasons
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the one_thread_module fixture, for the same reasons
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| mobilenet_v2 |" in proc.stdout and "| ensemble |" in proc.stdout
