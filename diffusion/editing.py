@@ -207,6 +207,10 @@ class Editor:
         self.t_skips = sorted(cfg.t_skips, reverse=True)  # mildest first
         if list(cfg.t_skips) != self.t_skips:
             log.info("t_skips reordered mildest first: %s", self.t_skips)
+        self.bisect_plan = None  # the cost-weighted splits of search: bisect, the same for every batch of the run
+        if cfg.search == SearchMode.bisect:
+            depths = [self.schedule.T - step_index(self.schedule, t) for t in self.t_skips]
+            self.bisect_plan = bisect_plan(depths, 2, 1 if cfg.inversion == InversionCond.null else 2)[0]
 
     # --- network calls ------------------------------------------------------------------------------------------
     def _eps_fn(self, cond: torch.Tensor, guidance: Optional[float], counter: torch.Tensor):
@@ -313,11 +317,7 @@ class Editor:
             return inv, outcomes
         if self.oracle is None:
             raise ValueError(f"search: {mode.value} needs an oracle (set oracle_dir) or use search: fixed")
-        plan = None
-        if mode == SearchMode.bisect:
-            depths = [self.schedule.T - step_index(self.schedule, t) for t in self.t_skips]
-            plan, _, _ = bisect_plan(depths, 2, 1 if self.cfg.inversion == InversionCond.null else 2)
-        searches = {task: Search(mode, len(self.t_skips), plan) for task in tasks}
+        searches = {task: Search(mode, len(self.t_skips), self.bisect_plan) for task in tasks}
         tried: Dict[tuple, Dict[int, Attempt]] = {task: {} for task in tasks}
         while True:
             round_ = [(task, s.next()) for task, s in searches.items() if s.next() is not None]
