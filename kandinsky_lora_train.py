@@ -13,10 +13,12 @@ from diffusion.config import LoraTrainConfig
 
 
 def main(cfg: LoraTrainConfig) -> None:
-    from diffusion.training import train_lora
+    from diffusion.train.trainer import train_lora
 
     train_lora(cfg)
 
 
 if __name__ == "__main__":
-    run(LoraTrainConfig, main, description=__doc__)
+    run(LoraTrainConfig, main, description=__doc__,
+        interrupted="the checkpoints already written are kept (no final adapter); rerun the same command with "
+                    "resume_from_checkpoint=latest to continue")

@@ -3,13 +3,11 @@ tests and assert nothing."""
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
@@ -49,7 +47,7 @@ def search_outcomes(mode: str, depths, invert_cost: int = 1, weighted: bool = Tr
     the k-th t_skip; ``weighted=False`` gives bisect the plain midpoint splits. Returns a list of (first flip or None,
     attempted indices, evaluations)."""
     from diffusion.config import SearchMode
-    from diffusion.editing import Search, bisect_plan
+    from diffusion.edit.search import Search, bisect_plan
 
     plan = bisect_plan(depths, 2, invert_cost)[0] if mode == "bisect" and weighted else None
     out = []

@@ -25,14 +25,17 @@ from typing import Dict
 
 import torch
 
-from _common import REPO  # noqa: F401  (sets sys.path)
+from _common import REPO
 from diffusion.config import EditConfig, load_config
 from diffusion.data import dataset_classes, make_loader, split_records
-from diffusion.edit_run import image_seed, load_oracle, plan_items, resolve_directions
-from diffusion.editing import Attempt, Editor, Inversion
-from diffusion.embeddings import edit_embedding, load_class_means
+import dataclasses as dc
+
+from diffusion.devices import resolve_device
+from diffusion.edit.run import image_seed, load_oracle, plan_items, resolve_directions
+from diffusion.embeddings import load_class_means
 from diffusion.metrics import pixel_l2
-from diffusion.models import load_decoder, load_image_encoder, resolve_device
+from diffusion.pipeline import ClassDirection, DIFFusionPipeline
+from diffusion.precompute import compute_missing_class_embeddings
 
 
 def _lpips(device):
@@ -60,60 +63,56 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     cfg = load_config(EditConfig, args.config, [*args.overrides, f"data.num_samples={args.per_class}"])
     device = resolve_device(cfg.model.device)
-    decoder, encoder = load_decoder(cfg.model), load_image_encoder(cfg.model)
+    pipe = DIFFusionPipeline.from_config(cfg.model, batch_size=cfg.batch_size)
     classes = dataset_classes(cfg.data)
     directions = resolve_directions(cfg, classes)
-    means = load_class_means(cfg.embeds_dir, classes, encoder.embed_dim, cfg.num_images)
+    if cfg.compute_missing_embeds:
+        compute_missing_class_embeddings(cfg, pipe.encoder)
+    means = load_class_means(cfg.embeds_dir, classes, pipe.encoder.embed_dim, cfg.class_mean_images)
     oracle = load_oracle(cfg, device)
     if oracle is None:
         raise SystemExit("demo_quality needs an oracle: set oracle_dir in the config")
     lpips = _lpips(device)
-    editor = Editor(decoder, cfg, encoder.null_embedding(), oracle)
-    t_skips = editor.t_skips
-    eta = cfg.eta[0]
+    t_skips = sorted(cfg.t_skips, reverse=True)
+    eta, g = cfg.eta[0], cfg.guidance_scale
     # nearest real example of the target class, among the train images (L2 at the model's resolution)
     all_train = dataclasses.replace(cfg.data, num_samples=None)  # every train image, not the eval cap
-    train = {c: _load_images(cfg, split_records(all_train, cfg.data.train_split, [c]), decoder.image_size)
+    train = {c: _load_images(cfg, split_records(all_train, cfg.data.train_split, [c]), pipe.image_size)
              for c in classes}
     items = plan_items(cfg, classes)
     per_direction: Dict[str, dict] = {}
     base: Dict[str, list] = defaultdict(list)
     for src, tgt in directions:
         mine = [it for it in items if it.record.class_name == src and it.target == tgt]
-        x = _load_images(cfg, [it.record for it in mine], decoder.image_size)
-        e = encoder.embed(x)
+        x = _load_images(cfg, [it.record for it in mine], pipe.image_size)
         gens = [torch.Generator().manual_seed(image_seed(cfg.seed, it.rel_path)) for it in mine]
         n = len(mine)
-        t_idx = list(oracle.classes).index(tgt)
+        direction = ClassDirection(means[src], means[tgt], src, tgt)
         nearest = torch.cdist(x.flatten(1), train[tgt].flatten(1)).min(1).values / x[0].numel() ** 0.5
-        with torch.inference_mode():
-            inv = editor.invert(decoder.encode(x), e, gens)
-            fresh = Inversion.complete(inv.ws, torch.randn(inv.zs.shape, generator=torch.Generator().manual_seed(1),
-                                                           dtype=inv.zs.dtype))
-            e_edit = edit_embedding(e, means[src], means[tgt], eta)
-            res = {}  # (method, t_skip) -> (flips (n,), l2 (n,), lpips (n,) or None)
-            for method, source in (("diffusion", inv), ("sdedit", fresh)):
-                for t in t_skips:
-                    attempts = [Attempt(b, eta, t) for b in range(n)]
-                    editor.run_attempts(source, attempts, e_edit)
-                    pics = torch.stack([a.picture for a in attempts])
-                    res[(method, t)] = (torch.tensor([int(a.probs.argmax()) == t_idx for a in attempts]),
-                                        pixel_l2(x, pics), lpips(x, pics) if lpips else None)
-            # baselines: eta-0 re-sample at the strip t_skip; two pure-noise samples with the image's own e
-            drift = [Attempt(b, 0.0, cfg.views.strip_t_skip) for b in range(n)]
-            editor.run_attempts(inv, drift, e)
-            base["eta0_drift_l2"] += pixel_l2(x, torch.stack([a.picture for a in drift])).tolist()
-            pair = []
-            for seed in (11, 12):
-                g = torch.Generator().manual_seed(seed)
-                ws = inv.ws.clone()
-                ws[0] = torch.randn(ws[0].shape, generator=g, dtype=ws.dtype)
-                noise = Inversion.complete(ws, torch.randn(inv.zs.shape, generator=g, dtype=inv.zs.dtype))
-                att = [Attempt(b, 0.0, 0.0) for b in range(n)]
-                editor.run_attempts(noise, att, e)
-                pair.append(torch.stack([a.picture for a in att]))
-            base["two_noise_samples_l2"] += pixel_l2(pair[0], pair[1]).tolist()
-            base["source_to_nearest_target_l2"] += nearest.tolist()
+        inv = pipe.invert(x, cfg.num_inference_steps, gens)
+        fresh_zs = torch.randn(inv.zs.shape, generator=torch.Generator().manual_seed(1), dtype=inv.zs.dtype)
+        fresh = dc.replace(inv, zs=fresh_zs, ready=torch.zeros_like(inv.ready), counter=torch.zeros_like(inv.counter))
+        res = {}  # (method, t_skip) -> (flips (n,), l2 (n,), lpips (n,) or None)
+        for method, source in (("diffusion", inv), ("sdedit", fresh)):
+            out = pipe(source, direction, eta=eta, t_skip=t_skips, guidance_scale=g, oracle=oracle, output_type="pt")
+            for t in t_skips:
+                edits = [e for e in out.edits if e.t_skip == t]
+                pics = torch.stack([e.picture for e in edits])
+                res[(method, t)] = (torch.tensor([bool(e.flipped) for e in edits]), pixel_l2(x, pics),
+                                    lpips(x, pics) if lpips else None)
+        # baselines: eta-0 re-sample at the strip t_skip; two pure-noise samples with the image's own e
+        drift = pipe(inv, direction, eta=0.0, t_skip=cfg.views.strip_t_skip, guidance_scale=g, output_type="pt")
+        base["eta0_drift_l2"] += pixel_l2(x, drift.images).tolist()
+        pair = []
+        for seed in (11, 12):
+            gen = torch.Generator().manual_seed(seed)
+            ws = inv.ws.clone()
+            ws[0] = torch.randn(ws[0].shape, generator=gen, dtype=ws.dtype)
+            zs = torch.randn(inv.zs.shape, generator=gen, dtype=inv.zs.dtype)
+            noise = dc.replace(inv, ws=ws, zs=zs, ready=torch.zeros_like(inv.ready))
+            pair.append(pipe(noise, direction, eta=0.0, t_skip=0.0, guidance_scale=g, output_type="pt").images)
+        base["two_noise_samples_l2"] += pixel_l2(pair[0], pair[1]).tolist()
+        base["source_to_nearest_target_l2"] += nearest.tolist()
         # first_flip per image (mildest t_skip whose DIFFusion edit flips), SDEdit at the same t_skip
         chosen = []
         for b in range(n):

@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from _common import REPO, best_time, default_model  # noqa: F401  (sets sys.path)
+from _common import REPO, best_time, default_model
 from diffusion.config import EditConfig, load_config
-from diffusion.edit_run import run_edits
+from diffusion.edit.run import run_edits
 from diffusion.models import load_decoder
 
 

@@ -25,7 +25,7 @@ import argparse
 import time
 from pathlib import Path
 
-from _common import best_time, default_model, search_outcomes  # sets sys.path
+from _common import best_time, default_model, search_outcomes
 
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402

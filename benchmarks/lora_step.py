@@ -13,15 +13,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere, no PYTHONPATH needed
 
-import torch  # noqa: E402
+import torch
 
-from diffusion.config import ConfigError, LoraTrainConfig, load_config  # noqa: E402
+from diffusion.config import LoraTrainConfig, MixedPrecision, load_config
+from diffusion.errors import ConfigError
 
 
 def parse() -> tuple:
@@ -48,9 +46,12 @@ def main() -> None:
     cfg, args = parse()
     from diffusion.data import dataset_classes, split_records
     from diffusion.lora import add_lora
-    from diffusion.models import load_decoder, load_image_encoder, resolve_device
-    from diffusion.train_cache import Features, compute_features
-    from diffusion.training import PRECISION_DTYPES, BatchOrder, CachedBatches, LiveBatches, diffusion_loss
+    from diffusion.devices import resolve_device
+    from diffusion.models import load_decoder, load_image_encoder
+    from diffusion.train.cache import Features, compute_features
+    from diffusion.train.data import BatchOrder, CachedBatches, LiveBatches
+    from diffusion.train.objective import diffusion_loss
+    from diffusion.train.trainer import PRECISION_DTYPES
 
     device = resolve_device(cfg.model.device)
     dtype = PRECISION_DTYPES[cfg.mixed_precision]
@@ -79,7 +80,7 @@ def main() -> None:
     decoder.unet.train()
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
-    autocast = (torch.autocast(device.type, dtype=dtype) if cfg.mixed_precision != "no"
+    autocast = (torch.autocast(device.type, dtype=dtype) if cfg.mixed_precision != MixedPrecision.no
                 else contextlib.nullcontext())
     total = args.warmup + args.rounds * args.steps
     modes = {

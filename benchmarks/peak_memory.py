@@ -38,7 +38,7 @@ def write_full_size_model(out: Path) -> None:
     from gpu_estimate import build
     from transformers import CLIPImageProcessor
 
-    from diffusion.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, kandinsky_scheduler
+    from diffusion.demo.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, kandinsky_scheduler
 
     unet, movq, clip = build(None, None, device="cpu")
     for name, m in (("decoder/unet", unet), ("decoder/movq", movq), ("prior/image_encoder", clip)):

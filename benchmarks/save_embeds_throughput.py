@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from _common import REPO, best_time, default_model  # noqa: F401  (sets sys.path)
+from _common import REPO, best_time, default_model
 from diffusion.config import EmbedsConfig, load_config
 from diffusion.models import load_image_encoder
 from diffusion.precompute import save_embeddings

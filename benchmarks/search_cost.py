@@ -20,9 +20,9 @@ import logging
 import tempfile
 from pathlib import Path
 
-from _common import REPO, search_outcomes  # sets sys.path
+from _common import REPO, search_outcomes
 from diffusion.config import EditConfig, InversionCond, load_config
-from diffusion.edit_run import run_edits
+from diffusion.edit.run import run_edits
 
 MODES = ("first_flip", "bisect")
 

@@ -89,6 +89,14 @@ def load_image(path: PathLike, background: Sequence[int] = (255, 255, 255)) -> t
     return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1), dtype=np.float32))  # (3, H, W)
 
 
+def pil_to_tensor(img: Image.Image, background: Sequence[int] = (255, 255, 255)) -> torch.Tensor:
+    """An in-memory PIL image of any mode -> (3, H, W) float32 in [0, 1], exactly as :func:`load_image` converts a
+    file (EXIF orientation is not applied: the image is taken as it is in memory)."""
+    _check_background(background)
+    hwc = _pil_to_rgb(img, background, Path("<PIL image>"))
+    return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1), dtype=np.float32))
+
+
 def resize(img: torch.Tensor, size: int) -> torch.Tensor:
     """Resize a (C, H, W) image in [0, 1] to (C, size, size): bilinear with antialiasing, no crop, clamped to [0, 1].
 

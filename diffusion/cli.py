@@ -1,17 +1,28 @@
-"""What every entry point does around its work: parse and validate the config, set up logging, turn the errors a user
-can fix into one clear line and exit status 2 (instead of a traceback)."""
+"""What every entry point does around its work: parse and validate the config, set up logging, and end in one of
+three ways: done (exit 0), a problem the user can fix (one line naming it, exit 2), or stopped by Ctrl-C / SIGTERM
+(one line saying what was kept and how to resume, exit 130). Never a traceback for either of the last two.
+
+``--help`` lists every config key with its type, default and meaning, read from the schema; ``--print_config``
+prints the resolved config (defaults, file and overrides merged) and exits; no arguments at all print what the
+command does, the configs that exist for it, and an example.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from typing import Callable, Optional, Sequence, Type, TypeVar
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Type, TypeVar
 
-from diffusion.config import ConfigError, load_config
+from diffusion.config import CONFIGS_DIR, SCHEMAS, help_text, load_config, to_yaml
+from diffusion.errors import ConfigError, RunInterrupted, user_errors
 
 C = TypeVar("C")
 log = logging.getLogger("diffusion")
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 
 def setup_logging(main_process: bool = True) -> None:
@@ -23,39 +34,95 @@ def setup_logging(main_process: bool = True) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def user_errors() -> tuple:
-    """Exception types whose message is meant for the user (bad config, data or weights), not a bug report."""
-    from datasets.images import BadImageError
-    from diffusion.embeddings import EmbeddingsError
-    from diffusion.metrics import LpipsError
-    from diffusion.models import ModelLoadError
-    from diffusion.oracle import OracleError
-    from diffusion.training import CheckpointError
-
-    return (ConfigError, ModelLoadError, EmbeddingsError, BadImageError, CheckpointError, OracleError, LpipsError,
-            FileNotFoundError)
+def config_kind(schema: type) -> str:
+    """The configs/ subfolder of a schema (edit, lora, embeds, classifier, mini)."""
+    return next(k for k, s in SCHEMAS.items() if s is schema)
 
 
-def parse_args(schema: Type[C], argv: Optional[Sequence[str]] = None, description: str = "") -> C:
-    """``--config_path FILE [key.sub=value ...]`` -> validated config; logs the problem and exits 2 on a bad config."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config_path", required=True, help="YAML file (see configs/)")
+def available_configs(schema: type) -> List[str]:
+    folder = CONFIGS_DIR / config_kind(schema)
+    return sorted(str(p.relative_to(CONFIGS_DIR.parent)) for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def _usage(prog: str, schema: type, description: str) -> str:
+    configs = available_configs(schema)
+    example = configs[0] if configs else f"configs/{config_kind(schema)}/<dataset>.yaml"
+    demo = next((c for c in configs if c.endswith("demo.yaml")), example)
+    lines = [description.strip(), "", f"Configs for this command ({config_kind(schema)}):"]
+    lines += [f"  {c}" for c in configs] or ["  (none yet)"]
+    lines += ["", "Example:", f"  python {prog} --config_path {demo}",
+              f"  python {prog} --config_path {example} key.sub=value ...   (overrides, e.g. data.num_samples=5)",
+              f"  python {prog} --help                                    (every config key)"]
+    return "\n".join(lines)
+
+
+def make_parser(schema: type, description: str, prog: Optional[str] = None) -> argparse.ArgumentParser:
+    epilog = "config keys (set in the YAML, or as key.sub=value overrides after it):\n" + help_text(schema)
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config_path", help="YAML file (see configs/); the paper's domain names work too, e.g. "
+                                              "configs/edit/retina.yaml")
+    parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the YAML")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(schema: Type[C], argv: Optional[Sequence[str]] = None, description: str = "",
+               prog: Optional[str] = None) -> C:
+    """``--config_path FILE [key.sub=value ...]`` -> validated config; logs the problem and exits 2 on a bad one."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = prog or _display_prog()
+    if not argv:
+        print(_usage(_display_prog(), schema, description))
+        raise SystemExit(EXIT_USER_ERROR)
+    args = make_parser(schema, description, prog).parse_args(argv)
     try:
-        return load_config(schema, args.config_path, args.overrides)
+        if args.config_path is None:
+            raise ConfigError("--config_path is required: " + (", ".join(available_configs(schema)) or
+                                                               f"a YAML file in configs/{config_kind(schema)}/"))
+        cfg = load_config(schema, args.config_path, args.overrides)
     except ConfigError as err:
         log.error("config error: %s", err)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_USER_ERROR) from None
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        raise SystemExit(0)
+    return cfg
+
+
+def _display_prog() -> str:
+    """The command as the user typed it, relative to the current folder when possible."""
+    if not sys.argv or not sys.argv[0]:
+        return "command"
+    path = Path(sys.argv[0])
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def guarded(main: Callable[[], object], interrupted: str = "") -> int:
+    """Run ``main()``; turn user errors into one logged line + 2, interrupts into one line + 130. Returns the code."""
+    try:
+        main()
+    except RunInterrupted as err:
+        log.error("interrupted: %s", err)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        log.error("interrupted: %s", interrupted or "stopped before finishing; rerun the same command to resume")
+        return EXIT_INTERRUPTED
+    except user_errors() as err:
+        log.error("%s", err)
+        return EXIT_USER_ERROR
+    return 0
 
 
 def run(schema: Type[C], main: Callable[[C], object], argv: Optional[Sequence[str]] = None,
-        description: str = "") -> None:
-    """``--config_path FILE [key=value ...]`` -> validated config -> ``main(cfg)``; user errors exit 2 with a message."""
+        description: str = "", interrupted: str = "") -> None:
+    """``--config_path FILE [key=value ...]`` -> validated config -> ``main(cfg)``; exits 0, 2 (user error, one
+    line) or 130 (interrupted; ``interrupted`` says what is kept and how to resume)."""
     setup_logging()
     cfg = parse_args(schema, argv, description)  # exits 2 on a bad config, before anything heavy is imported
-    try:
-        main(cfg)
-    except user_errors() as err:
-        log.error("%s", err)
-        sys.exit(2)
+    code = guarded(lambda: main(cfg), interrupted)
+    if code:
+        sys.exit(code)

@@ -1,9 +1,11 @@
-"""Typed configuration: one dataclass schema per entry point, YAML + dot-list overrides, validated up front.
+"""Typed configuration: one dataclass schema per entry point, YAML + dot-list overrides, validated on construction.
 
-Every entry point calls :func:`load_config` before it touches a model, so an unknown key, a wrong type or a bad value
-stops the run within seconds with a message that names the key and the closest valid names.
-:func:`stamp_run_dir` writes the resolved config, the seed, the git commit and the package versions into the run
-folder, so every output can be traced back to what produced it.
+Every field carries its meaning, its bounds and (for floats) a finiteness check in its metadata (:func:`opt`), and
+every schema checks itself in ``__post_init__`` and again on assignment: a schema object can never hold an invalid
+value, whether it came from :func:`load_config` or was built in Python. Entry points call :func:`load_config` before
+anything heavy loads, so an unknown key, a wrong type or a bad value stops the run within a second, naming the key,
+whether the file or a command-line override set it, and the closest valid names. ``--help`` lists the keys from the
+same metadata (:func:`describe`), so the help can never drift from the schema.
 """
 
 from __future__ import annotations
@@ -11,323 +13,485 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
-import json
-import os
-import platform
-import subprocess
-import sys
+import logging
+import math
 import typing
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
+from typing import Any, ClassVar, Dict, FrozenSet, List, Optional, Sequence, Tuple, Type, TypeVar
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from diffusion.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIGS_DIR = REPO_ROOT / "configs"
 KANDINSKY_DECODER = "kandinsky-community/kandinsky-2-2-decoder"
 KANDINSKY_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
 
 
-class ConfigError(ValueError):
-    """A configuration problem the user can fix; the message says which key and what to do."""
+# --------------------------------------------------------------------------------------------------------------------
+# Modes: every one is a str-valued enum (compares equal to its string, validated by OmegaConf, listed by --help)
+# --------------------------------------------------------------------------------------------------------------------
+class Mode(str, enum.Enum):
+    """A str-valued enum whose str() and format() are its value (file names, messages, JSON)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Enums (modes are enums, never free strings)
-# --------------------------------------------------------------------------------------------------------------------
-class DType(str, enum.Enum):
+class DType(Mode):
     auto = "auto"  # float16 on CUDA, float32 elsewhere
     float32 = "float32"
     float16 = "float16"
     bfloat16 = "bfloat16"
 
 
-class OnBadFile(str, enum.Enum):
+class OnBadFile(Mode):
     error = "error"  # stop, naming the file
-    skip = "skip"  # leave it out with a warning
+    skip = "skip"  # leave it out with a warning (listed in summary.json)
 
 
-class SearchMode(str, enum.Enum):
-    first_flip = "first_flip"  # try t_skips mildest first, keep the first edit that flips the oracle
+class SearchMode(Mode):
+    first_flip = "first_flip"  # try t_skips mildest first, keep the first edit that meets the flip criterion
     bisect = "bisect"  # binary search over the ordered t_skips, splits weighted by UNet cost (assumes flipping is
     #                    monotone in edit strength)
     fixed = "fixed"  # one t_skip, no oracle needed
     sweep = "sweep"  # every t_skip x eta, for analysis
 
 
-class InversionCond(str, enum.Enum):
+class InversionCond(Mode):
     null = "null"  # invert with the null embedding, no guidance (the canonical edit-friendly setting)
     source = "source"  # invert with classifier-free guidance on the image's own embedding at inversion_guidance
+
+
+class FlipAgreement(Mode):
+    mean = "mean"  # the ensemble's mean probability of the target class decides
+    all = "all"  # every member must reach the threshold too
+
+
+class MixedPrecision(Mode):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class ReportTo(Mode):
+    none = "none"
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+
+
+class OracleKind(Mode):
+    ensemble = "ensemble"  # one CNN per entry of architectures
+    clip_probe = "clip_probe"  # a linear head on frozen open_clip image features
+
+
+class Architecture(Mode):
+    resnet18 = "resnet18"
+    efficientnet_b0 = "efficientnet_b0"
+    mobilenet_v2 = "mobilenet_v2"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Fields with meaning and bounds
+# --------------------------------------------------------------------------------------------------------------------
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, ge: Optional[float] = None,
+        gt: Optional[float] = None, le: Optional[float] = None, lt: Optional[float] = None) -> Any:
+    """A schema field: its default (or ``factory`` for lists and dicts), one line of meaning for ``--help``, and
+    bounds that every number in it (a list's elements too) must satisfy. Floats must also be finite."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _numbers(value: Any) -> List[Any]:
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _numbers(v)]
+    return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
+class Schema:
+    """Mixin of every config dataclass: field bounds and :meth:`check` run on construction and on assignment.
+
+    ``SECTION`` is the key a section sits under in every schema (``data``, ``model``, ...), so its errors name the
+    full dotted key. ``RUN_CONTROL_KEYS`` (entry-point schemas) are the keys a resumed run may change: they steer the
+    run (where output goes, logging, batch size, how views look) but never change a result.
+    """
+
+    SECTION: ClassVar[str] = ""
+    RUN_CONTROL_KEYS: ClassVar[FrozenSet[str]] = frozenset()
+
+    def key(self, name: str) -> str:
+        return f"{self.SECTION}.{name}" if self.SECTION else name
+
+    def need(self, cond: bool, name: str, what: str) -> None:
+        """Raise a ConfigError for key ``name`` (a field of this section, or a dotted key below it) unless ``cond``;
+        the message shows the field's value."""
+        if cond:
+            return
+        key = self.key(name)
+        shown = f" = {_show(getattr(self, name))}" if name in {f.name for f in dataclasses.fields(self)} else ""
+        raise ConfigError(f"'{key}'{shown} {what}", key=key)
+
+    def check(self) -> None:
+        """Rules between fields that bounds alone cannot express (overridden by the schemas)."""
+
+    def _validate(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, str) and value == MISSING:
+                continue  # required and not set yet: load_config says so, naming every missing key
+            m = f.metadata
+            for v in _numbers(value):
+                self.need(not isinstance(v, float) or math.isfinite(v), f.name,
+                          "must be a finite number (not nan or inf)")
+                for bound, ok, word in (("ge", lambda b: v >= b, ">="), ("gt", lambda b: v > b, ">"),
+                                        ("le", lambda b: v <= b, "<="), ("lt", lambda b: v < b, "<")):
+                    if m.get(bound) is not None:
+                        self.need(ok(m[bound]), f.name, f"must be {word} {m[bound]:g}"
+                                  + (f" (got {v:g})" if isinstance(value, list) else ""))
+        self.check()
+
+    def __post_init__(self) -> None:
+        self._validate()
+        object.__setattr__(self, "_validated", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not self.__dict__.get("_validated"):
+            object.__setattr__(self, name, value)
+            return
+        old = getattr(self, name)
+        object.__setattr__(self, name, value)
+        try:
+            self._validate()
+        except ConfigError:
+            object.__setattr__(self, name, old)  # the object stays valid
+            raise
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, enum.Enum):
+        return repr(value.value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return repr(value) if isinstance(value, str) else f"{value}"
+
+
+def check_device(name: str) -> bool:
+    """Whether ``name`` is a device spelling the project accepts: auto, cpu, mps, cuda or cuda:N."""
+    return name in ("auto", "cpu", "mps", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Shared sections
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
-class ModelConfig:
-    """Where the Kandinsky 2.2 parts come from: a hub id or a local folder each."""
+class ModelConfig(Schema):
+    """Where the Kandinsky 2.2 parts come from (a hub id or a local folder each), and how they run."""
 
-    decoder: str = KANDINSKY_DECODER  # holds unet/, movq/, scheduler/
-    prior: str = KANDINSKY_PRIOR  # holds image_encoder/, image_processor/ (the prior diffusion model is not loaded)
-    revision: Optional[str] = None
-    local_files_only: bool = False  # True: never touch the network (also implied by HF_HUB_OFFLINE=1)
-    device: str = "auto"  # auto = cuda when available, else cpu; or cpu, cuda, cuda:1, mps
-    dtype: DType = DType.auto
-    image_size: Optional[int] = None  # pixels; None = the UNet's sample_size x the MoVQ scale factor
-    channels_last: bool = False  # UNet in channels_last memory format (often faster on GPUs with fp16/bf16)
-    compile: bool = False  # torch.compile the UNet (after any LoRA is loaded); pays off on long GPU runs
+    SECTION: ClassVar[str] = "model"
+    decoder: str = opt(KANDINSKY_DECODER, "decoder hub id or folder holding unet/, movq/, scheduler/")
+    prior: str = opt(KANDINSKY_PRIOR, "prior hub id or folder holding image_encoder/, image_processor/ (the prior "
+                                      "diffusion model itself is never loaded)")
+    revision: Optional[str] = opt(None, "hub revision (branch, tag or commit) of both")
+    local_files_only: bool = opt(False, "never touch the network (also implied by HF_HUB_OFFLINE=1)")
+    allow_pickle_weights: bool = opt(False, "also load .bin/.ckpt weights (pickles can run code: only for weights "
+                                            "you trust); false = safetensors only")
+    device: str = opt("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps")
+    dtype: DType = opt(DType.auto, "weights dtype; auto = float16 on CUDA, float32 elsewhere")
+    image_size: Optional[int] = opt(None, "pixels images are resized to; null = the UNet's sample_size x the MoVQ "
+                                          "scale factor", gt=0)
+    channels_last: bool = opt(False, "UNet in channels_last memory format (often faster on GPUs with fp16/bf16)")
+    compile: bool = opt(False, "torch.compile the UNet (after any LoRA is loaded); pays off on long GPU runs")
+
+    def check(self) -> None:
+        self.need(check_device(self.device), "device", "must be auto, cpu, cuda, cuda:N or mps")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Schema):
     """A dataset laid out as root/<split>/<class>/<files> (see datasets/registry.py for the named domains)."""
 
-    name: str = "folder"  # a registry entry: folder, butterfly, kermany, afhq, kikibouba, mad_sane, celebahq, digits
-    root: str = MISSING
-    classes: List[str] = field(default_factory=list)  # empty = the entry's classes (folder: sorted subfolders)
-    train_split: str = "train"
-    eval_split: str = "test"
-    num_samples: Optional[int] = None  # per-class cap, applied after sorting (deterministic)
-    file_lists: Dict[str, str] = field(default_factory=dict)  # class -> text file naming the eval images to use
-    on_bad_file: OnBadFile = OnBadFile.error
-    background: List[int] = field(default_factory=lambda: [255, 255, 255])  # RGB under transparent pixels
-    num_workers: int = 0
+    SECTION: ClassVar[str] = "data"
+    name: str = opt("folder", "a registry entry: folder, butterfly, kermany, afhq, kikibouba, mad_sane, celebahq, "
+                              "digits")
+    root: str = opt(MISSING, "the dataset folder (holding <split>/<class>/<files>)")
+    classes: List[str] = opt(help="class names in label order; empty = the entry's (folder: sorted subfolders)",
+                             factory=list)
+    train_split: str = opt("train", "split of the class means, LoRA and oracle training (a folder name)")
+    eval_split: str = opt("test", "split of the images that get edited (a folder name)")
+    num_samples: Optional[int] = opt(None, "per-class cap on the images read from a split, after sorting "
+                                           "(deterministic); in an editing run: the images edited per class", gt=0)
+    file_lists: Dict[str, str] = opt(help="class -> text file naming the eval images to edit (one file name a "
+                                          "line)", factory=dict)
+    on_bad_file: OnBadFile = opt(OnBadFile.error, "an unreadable image: error (stop, naming it) or skip (warn, "
+                                                  "list it in summary.json)")
+    background: List[int] = opt(help="RGB under transparent pixels", factory=lambda: [255, 255, 255], ge=0, le=255)
+    num_workers: int = opt(0, "DataLoader worker processes", ge=0)
+
+    def check(self) -> None:
+        from datasets.registry import DATASETS  # plain python; importing it loads no model
+
+        if self.name not in DATASETS:
+            close = difflib.get_close_matches(self.name, list(DATASETS), n=3)
+            self.need(False, "name", f"is not a known dataset{' (did you mean ' + ', '.join(close) + '?)' if close else ''}. "
+                                     f"Known: {', '.join(DATASETS)}")
+        self.need(len(self.background) == 3, "background", "must be three integers in 0..255 (RGB)")
+        self.need(len(set(self.classes)) == len(self.classes), "classes", "has duplicates")
+        for cls in self.file_lists:
+            self.need(not self.classes or cls in self.classes, f"file_lists.{cls}",
+                      f"names a class not in data.classes {list(self.classes)}")
 
 
 @dataclass
-class LoraRef:
+class LoraRef(Schema):
     """An adapter written by kandinsky_lora_train.py, loaded into the decoder UNet."""
 
-    path: Optional[str] = None  # the training output_dir (or an adapter folder)
-    step: Optional[int] = None  # use output_dir/checkpoint-<step>; None = the final adapter in path
-    scale: float = 1.0
+    SECTION: ClassVar[str] = "lora"
+    path: Optional[str] = opt(None, "the LoRA training output_dir (or an adapter folder); null = no adapter")
+    step: Optional[int] = opt(None, "use path/checkpoint-<step>; null = the final adapter in path", ge=0)
+    scale: float = opt(1.0, "adapter strength (0 = off, 1 = as trained)", ge=0)
+
+    def check(self) -> None:
+        self.need(self.step is None or self.path is not None, "step", "needs lora.path")
 
 
 @dataclass
-class ViewsConfig:
-    """The teaching views of an editing run (flicker GIFs, interpolation strips, difference maps, index/quiz pages)."""
+class ViewsConfig(Schema):
+    """The teaching views of an editing run (flicker GIFs, interpolation strips, difference maps, the pages)."""
 
-    enabled: bool = True
-    strip_etas: List[float] = field(default_factory=lambda: [-1.0, 0.0, 1.0, 1.5, 2.0])  # one shared inversion
-    strip_t_skip: float = 0.7
-    gif_frame_ms: int = 700  # flicker GIF: time each frame is shown
+    SECTION: ClassVar[str] = "views"
+    enabled: bool = opt(True, "write the views and index.html / quiz.html / study.html at the end of the run")
+    strip_etas: List[float] = opt(help="interpolation strip: the etas shown (one shared inversion)",
+                                  factory=lambda: [-1.0, 0.0, 1.0, 1.5, 2.0])
+    strip_t_skip: float = opt(0.7, "interpolation strip: the t_skip of every frame", ge=0, le=1)
+    gif_frame_ms: int = opt(700, "flicker GIF: milliseconds each frame is shown", gt=0)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # One schema per entry point
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
-class EmbedsConfig:
+class EmbedsConfig(Schema):
     """scripts/save_embeds.py: CLIP image embeddings of every train image of each class."""
 
-    output_dir: str = MISSING
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    split: Optional[str] = None  # None = data.train_split
-    batch_size: int = 16
-    overwrite: bool = False
+    RUN_CONTROL_KEYS: ClassVar[FrozenSet[str]] = frozenset(
+        {"output_dir", "batch_size", "overwrite", "data.num_workers", "data.on_bad_file", "model.device",
+         "model.channels_last", "model.compile"})
+    output_dir: str = opt(MISSING, "folder of the <class>.safetensors + <class>.json embedding files")
+    model: ModelConfig = opt(help="the image encoder's source (model.prior)", factory=ModelConfig)
+    data: DataConfig = opt(help="the dataset", factory=DataConfig)
+    split: Optional[str] = opt(None, "split to embed; null = data.train_split")
+    batch_size: int = opt(16, "images per encoder batch", gt=0)
+    overwrite: bool = opt(False, "recompute classes whose files already exist")
 
 
 @dataclass
-class EditConfig:
+class EditConfig(Schema):
     """kandinsky_eval.py: counterfactual edits of every eval image towards the other class."""
 
-    output_dir: str = MISSING
-    seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    embeds_dir: str = MISSING  # written by scripts/save_embeds.py
-    compute_missing_embeds: bool = False  # True: embed the whole train split here for classes embeds_dir lacks
-    num_images: Optional[int] = None  # class means over the first num_images train embeddings; None = all
-    directions: List[List[str]] = field(default_factory=list)  # [[source, target], ...]; empty = both ways, 2 classes
-    num_inference_steps: int = 100  # T
-    guidance_scale: float = 4.0  # g, classifier-free guidance between the null and the edited embedding
-    inversion: InversionCond = InversionCond.null
-    inversion_guidance: float = 1.0  # only with inversion: source
-    eta: List[float] = field(default_factory=lambda: [2.0])  # manipulation scale(s)
-    search: SearchMode = SearchMode.first_flip
-    t_skips: List[float] = field(default_factory=lambda: [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
-    t_skip: float = 0.7  # search: fixed
-    batch_size: int = 4
-    save_attempts: bool = False
-    oracle_dir: Optional[str] = None  # a classifier ensemble folder (scripts/train_classifiers.py)
-    lpips: bool = True
-    lora: LoraRef = field(default_factory=LoraRef)
-    views: ViewsConfig = field(default_factory=ViewsConfig)
+    RUN_CONTROL_KEYS: ClassVar[FrozenSet[str]] = frozenset(
+        {"output_dir", "batch_size", "save_attempts", "data.num_workers", "data.on_bad_file", "model.device",
+         "model.channels_last", "model.compile", "model.local_files_only", "compute_missing_embeds", "embeds_dir",
+         "views.enabled", "views.gif_frame_ms", "views.strip_etas", "views.strip_t_skip"})
+    output_dir: str = opt(MISSING, "run folder: results.csv, summary.json, edits/, index.html, ...")
+    seed: int = opt(0, "base of every image's seed (each image's noise depends only on it and the image's path)")
+    model: ModelConfig = opt(help="the Kandinsky parts", factory=ModelConfig)
+    data: DataConfig = opt(help="the dataset; data.eval_split is edited", factory=DataConfig)
+    embeds_dir: str = opt(MISSING, "class embedding files written by scripts/save_embeds.py")
+    compute_missing_embeds: bool = opt(False, "embed the whole train split here for classes embeds_dir lacks")
+    class_mean_images: Optional[int] = opt(None, "class means over the first N train embeddings of each class; "
+                                                 "null = all (it does not cap the images edited: data.num_samples "
+                                                 "does)", gt=0)
+    directions: List[List[str]] = opt(help="[[source, target], ...]; empty = both ways between two classes",
+                                      factory=list)
+    num_inference_steps: int = opt(100, "T, the DDPM steps of inversion and sampling", gt=0)
+    guidance_scale: float = opt(4.0, "g, classifier-free guidance between the null and the edited embedding", ge=0)
+    inversion: InversionCond = opt(InversionCond.null, "null: invert under c_0 without guidance; source: CFG on "
+                                                       "the image's own embedding at inversion_guidance")
+    inversion_guidance: float = opt(1.0, "guidance of the inversion (inversion: source only)", ge=0)
+    eta: List[float] = opt(help="manipulation scale(s); each runs on one shared inversion per image",
+                           factory=lambda: [2.0])
+    search: SearchMode = opt(SearchMode.first_flip, "how t_skip is chosen: first_flip, bisect (need oracle_dir), "
+                                                    "fixed (t_skip), sweep (every t_skip, for analysis)")
+    t_skips: List[float] = opt(help="t_skips the search may try (the fraction of steps skipped: 1 = no edit)",
+                               factory=lambda: [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0], ge=0, le=1)
+    t_skip: float = opt(0.7, "the t_skip of search: fixed", ge=0, le=1)
+    batch_size: int = opt(4, "images per UNet batch; their attempts share it (each image keeps its own noise)",
+                          gt=0)
+    save_attempts: bool = opt(False, "also save every tried t_skip, not only the chosen edit")
+    oracle_dir: Optional[str] = opt(None, "classifier folder (scripts/train_classifiers.py) the search consults")
+    lpips: bool = opt(True, "LPIPS between original and edit (needs torchvision's AlexNet weights once)")
+    lora: LoraRef = opt(help="a domain-tuned adapter", factory=LoraRef)
+    views: ViewsConfig = opt(help="the teaching views", factory=ViewsConfig)
+
+    def check(self) -> None:
+        self.need(len(self.t_skips) > 0, "t_skips", "must list at least one value")
+        self.need(len(self.eta) > 0, "eta", "must list at least one value")
+        for pair in self.directions:
+            self.need(len(pair) == 2 and pair[0] != pair[1], "directions",
+                      f"entries must be [source, target] of two different classes, got {list(pair)}")
+        self.need(self.search in (SearchMode.fixed, SearchMode.sweep) or self.oracle_dir is not None, "oracle_dir",
+                  f"must be set for search: {self.search.value} (or use search: fixed)")
 
 
 @dataclass
-class LoraTrainConfig:
+class LoraTrainConfig(Schema):
     """kandinsky_lora_train.py: LoRA domain tuning of the decoder UNet (MoVQ and the image encoder stay frozen).
 
     Objective: epsilon MSE on the first latent channels of the UNet output, t ~ U{0 .. num_train_timesteps - 1},
     noise added to the image's MoVQ latent w_0 with DDPMScheduler.add_noise, conditioned on the same image's CLIP
     embedding. Writes output_dir/{config.yaml, run_info.json, checkpoint-<step>/, pytorch_lora_weights.safetensors,
-    validation/}. Modes are Literal types (OmegaConf validates them like enums); value checks are in __post_init__.
+    validation/}.
     """
 
-    output_dir: str = MISSING
-    seed: int = 0  # LoRA init, data order, noise and timesteps (each step's draws derive from seed and step)
-    model: ModelConfig = field(default_factory=ModelConfig)  # model.dtype auto = the mixed_precision dtype
-    data: DataConfig = field(default_factory=DataConfig)  # trains on data.train_split of data.classes
-    # the adapter (PEFT LoraConfig, gaussian init)
-    rank: int = 4
-    alpha: float = 8.0  # the LoRA update is scaled by alpha / rank
-    target_modules: List[str] = field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
-    )
-    # the optimisation: AdamW, constant LR after an optional linear warmup
-    learning_rate: float = 4.3e-4  # the LR used, never rescaled (authors: 3e-3 x batch 32 x 1 GPU / 224 = 4.29e-4)
-    lr_warmup_steps: int = 0  # LR ramps linearly from learning_rate / lr_warmup_steps to learning_rate
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 0.0
-    adam_epsilon: float = 1e-8
-    max_grad_norm: Optional[float] = 1.0  # clip the global L2 norm of the LoRA gradients; null = no clipping
-    train_batch_size: int = 32  # images per process and micro-step
-    gradient_accumulation_steps: int = 1  # total batch = train_batch_size x processes x gradient_accumulation_steps
-    max_train_steps: int = 2000  # optimizer updates; raise it and resume to train on
-    mixed_precision: typing.Literal["no", "fp16", "bf16"] = "no"  # autocast; LoRA weights always stay float32
-    gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
-    allow_tf32: bool = True  # TF32 matmuls and convolutions on CUDA (no effect elsewhere)
-    augment_flip: bool = False  # random horizontal flips; MoVQ latents are then computed every step (no cache)
-    cache_dir: Optional[str] = None  # MoVQ latents + CLIP embeddings, keyed by model and data; null = output_dir/cache
-    # checkpoints: output_dir/checkpoint-<step>/ (adapter + optimizer, LR schedule, RNG, step), written atomically
-    checkpointing_steps: int = 100  # also written at the last step
-    checkpoints_total_limit: Optional[int] = None  # keep only the newest N checkpoints; null = keep all
-    resume_from_checkpoint: Optional[str] = None  # "latest" (newest in output_dir, or start fresh if none) or a path
-    # validation: fixed held-out images of data.eval_split, sampled from noise with their own embedding
-    validation_steps: Optional[int] = None  # every N steps (and at step 0 and the end); null = no validation
-    num_validation_images: int = 4
-    validation_inference_steps: int = 50
-    validation_guidance_scale: float = 4.0  # classifier-free guidance against the null embedding
-    report_to: typing.Literal["none", "tensorboard", "wandb"] = "none"  # loss, LR and validation grids
+    RUN_CONTROL_KEYS: ClassVar[FrozenSet[str]] = frozenset({
+        "output_dir", "resume_from_checkpoint", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
+        "validation_steps", "num_validation_images", "validation_inference_steps", "validation_guidance_scale",
+        "report_to", "cache_dir", "gradient_checkpointing", "allow_tf32", "data.num_workers", "model.device",
+        "model.channels_last", "model.compile", "model.local_files_only"})
+    output_dir: str = opt(MISSING, "run folder: checkpoints, the final adapter, validation grids")
+    seed: int = opt(0, "LoRA init, data order, noise and timesteps (each step's draws derive from seed and step)")
+    model: ModelConfig = opt(help="the Kandinsky parts; model.dtype auto = the mixed_precision dtype",
+                             factory=ModelConfig)
+    data: DataConfig = opt(help="trains on data.train_split of data.classes", factory=DataConfig)
+    rank: int = opt(4, "LoRA rank r", gt=0)
+    alpha: float = opt(8.0, "LoRA alpha; the update is scaled by alpha / rank", gt=0)
+    target_modules: List[str] = opt(help="UNet layers that get an adapter",
+                                    factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"])
+    learning_rate: float = opt(4.3e-4, "AdamW LR, used as given (authors: 3e-3 x batch 32 / 224 = 4.29e-4)", gt=0)
+    lr_warmup_steps: int = opt(0, "LR ramps linearly from learning_rate / lr_warmup_steps to learning_rate", ge=0)
+    adam_beta1: float = opt(0.9, "AdamW beta1", ge=0, lt=1)
+    adam_beta2: float = opt(0.999, "AdamW beta2", ge=0, lt=1)
+    adam_weight_decay: float = opt(0.0, "AdamW weight decay", ge=0)
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon", gt=0)
+    max_grad_norm: Optional[float] = opt(1.0, "clip the global L2 norm of the LoRA gradients; null = no clipping",
+                                         gt=0)
+    train_batch_size: int = opt(32, "images per process and micro-step", gt=0)
+    gradient_accumulation_steps: int = opt(1, "total batch = train_batch_size x processes x this", gt=0)
+    max_train_steps: int = opt(2000, "optimizer updates; raise it and resume to train on", gt=0)
+    mixed_precision: MixedPrecision = opt(MixedPrecision.no, "autocast: no, fp16 or bf16; LoRA weights stay float32")
+    gradient_checkpointing: bool = opt(False, "recompute UNet activations in backward: less memory, ~30% slower")
+    allow_tf32: bool = opt(True, "TF32 matmuls and convolutions on CUDA (no effect elsewhere)")
+    augment_flip: bool = opt(False, "random horizontal flips; MoVQ latents are then computed every step (no cache)")
+    cache_dir: Optional[str] = opt(None, "MoVQ latents + CLIP embeddings, keyed by model and data; null = "
+                                         "output_dir/cache")
+    checkpointing_steps: int = opt(100, "write checkpoint-<step>/ every N steps (and at the last)", gt=0)
+    checkpoints_total_limit: Optional[int] = opt(None, "keep only the newest N checkpoints; null = keep all", gt=0)
+    resume_from_checkpoint: Optional[str] = opt(None, "latest (newest in output_dir, or start fresh), a path, or "
+                                                      "null")
+    validation_steps: Optional[int] = opt(None, "regenerate held-out images every N steps; null = no validation",
+                                          gt=0)
+    num_validation_images: int = opt(4, "held-out images of data.eval_split shown in the validation grids", gt=0)
+    validation_inference_steps: int = opt(50, "DDPM steps of the validation samples", gt=0)
+    validation_guidance_scale: float = opt(4.0, "classifier-free guidance of the validation samples", ge=0)
+    report_to: ReportTo = opt(ReportTo.none, "tracker for loss, LR and validation grids: none, tensorboard, wandb")
 
-    def __post_init__(self) -> None:
-        """Checks that types alone cannot express; runs when load_config builds the object, before any model loads."""
-
-        def need(cond: bool, key: str, what: str) -> None:
-            if not cond:
-                raise ConfigError(f"lora config: '{key}' {what}")
-
-        need(self.rank > 0, "rank", "must be > 0")
-        need(self.alpha > 0, "alpha", "must be > 0")
-        need(len(self.target_modules) > 0, "target_modules", "must name at least one module (e.g. to_q)")
-        need(self.learning_rate > 0, "learning_rate", "must be > 0")
-        need(self.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0")
-        need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1 / adam_beta2", "must lie in [0, 1)")
-        need(self.adam_weight_decay >= 0 and self.adam_epsilon > 0, "adam_weight_decay / adam_epsilon",
-             "must be >= 0 / > 0")
-        need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0 or null")
-        need(self.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be > 0")
-        need(self.max_train_steps > 0, "max_train_steps", "must be > 0")
-        need(self.checkpointing_steps > 0, "checkpointing_steps", "must be > 0")
-        need(self.checkpoints_total_limit is None or self.checkpoints_total_limit > 0, "checkpoints_total_limit",
-             "must be > 0 or null")
-        need(self.validation_steps is None or self.validation_steps > 0, "validation_steps", "must be > 0 or null")
-        need(self.num_validation_images > 0, "num_validation_images", "must be > 0")
-        need(self.validation_inference_steps > 0, "validation_inference_steps", "must be > 0")
-        need(self.resume_from_checkpoint != "", "resume_from_checkpoint", "must be latest, a path or null")
-        half = {DType.float16: "fp16", DType.bfloat16: "bf16"}.get(self.model.dtype)
-        need(half is None or half == self.mixed_precision, "model.dtype",
-             f"= {self.model.dtype.value} needs mixed_precision: {half} (frozen weights may be half precision only "
-             "under autocast); or set model.dtype: auto, which follows mixed_precision")
+    def check(self) -> None:
+        self.need(len(self.target_modules) > 0, "target_modules", "must name at least one module (e.g. to_q)")
+        self.need(self.resume_from_checkpoint != "", "resume_from_checkpoint", "must be latest, a path or null")
+        half = {DType.float16: MixedPrecision.fp16, DType.bfloat16: MixedPrecision.bf16}.get(self.model.dtype)
+        self.need(half is None or half == self.mixed_precision, "model.dtype",
+                  f"= {self.model.dtype.value} needs mixed_precision: {half.value if half else ''} (frozen weights "
+                  "may be half precision only under autocast); or set model.dtype: auto, which follows "
+                  "mixed_precision")
 
 
 @dataclass
-class ClassifierConfig:
-    """scripts/train_classifiers.py: the evaluation oracle of one binary domain, written to ``output_dir`` (the folder
-    kandinsky_eval.py's ``oracle_dir`` points at). ``kind: ensemble`` trains one CNN per entry of ``architectures``;
-    ``kind: clip_probe`` trains a logistic-regression head on frozen open_clip image features instead (an oracle
-    independent of the CNNs; give it its own output_dir). Both train on ``data.train_split`` minus a seeded
+class ClassifierConfig(Schema):
+    """scripts/train_classifiers.py: a classifier folder (the editing run's oracle_dir or judge_dir).
+
+    ``kind: ensemble`` trains one CNN per entry of ``architectures``; ``kind: clip_probe`` a linear head on frozen
+    open_clip image features (an oracle independent of the CNNs). Both train on ``data.train_split`` minus a seeded
     validation share, and report accuracy on ``data.eval_split`` (the images that get edited) only as a test set.
-    Modes are Literal types (OmegaConf validates them like enums), so the schema needs nothing outside itself.
     """
 
-    output_dir: str = MISSING
-    seed: int = 0  # the validation split, weight init, shuffling and augmentation
-    data: DataConfig = field(default_factory=DataConfig)
-    kind: typing.Literal["ensemble", "clip_probe"] = "ensemble"
-    architectures: List[typing.Literal["resnet18", "efficientnet_b0", "mobilenet_v2"]] = field(
-        default_factory=lambda: ["resnet18", "efficientnet_b0", "mobilenet_v2"]
-    )  # kind: ensemble
-    pretrained: bool = True  # kind: ensemble; ImageNet init from torchvision (downloaded once); false = random init
-    image_size: int = 224  # kind: ensemble; the CNNs' input size (clip_probe uses the CLIP model's own size)
-    clip_model: str = "ViT-B-32"  # kind: clip_probe; an open_clip model name
-    clip_pretrained: Optional[str] = "laion2b_s34b_b79k"  # kind: clip_probe; open_clip tag or file; null = random (tests)
-    batch_size: int = 32
-    epochs: int = 10  # at most; early stopping on the validation loss usually ends sooner
-    learning_rate: float = 1e-3  # Adam
-    patience: int = 5  # epochs without a better validation loss before stopping
-    val_fraction: float = 0.1  # of each class's train images (at most max_train_per_class of them), at least one
-    max_train_per_class: Optional[int] = 1000  # null = every train image not in the validation split
-    device: str = "auto"  # auto = cuda when available, else cpu; or cpu, cuda, cuda:N, mps
-    save_dtype: typing.Literal["float32", "float16"] = "float32"  # stored weights (float16 halves a shipped oracle)
+    RUN_CONTROL_KEYS: ClassVar[FrozenSet[str]] = frozenset({"output_dir", "device", "data.num_workers"})
+    output_dir: str = opt(MISSING, "folder of the members (<architecture>.safetensors + .json) and test_metrics.json")
+    seed: int = opt(0, "the validation split, weight init, shuffling and augmentation")
+    data: DataConfig = opt(help="the dataset; every class of data.classes is one output of the classifier",
+                           factory=DataConfig)
+    kind: OracleKind = opt(OracleKind.ensemble, "ensemble (CNNs) or clip_probe (linear head on open_clip features)")
+    architectures: List[Architecture] = opt(
+        help="kind ensemble: the CNNs, one member each",
+        factory=lambda: [Architecture.resnet18, Architecture.efficientnet_b0, Architecture.mobilenet_v2])
+    pretrained: bool = opt(True, "kind ensemble: ImageNet init from torchvision (downloaded once); false = random")
+    image_size: int = opt(224, "kind ensemble: the CNNs' input size (clip_probe uses CLIP's own)", gt=0)
+    clip_model: str = opt("ViT-B-32", "kind clip_probe: an open_clip model name")
+    clip_pretrained: Optional[str] = opt("laion2b_s34b_b79k", "kind clip_probe: open_clip tag or weights file; null "
+                                                               "= random (tests)")
+    batch_size: int = opt(32, "images per batch", gt=0)
+    epochs: int = opt(10, "at most; early stopping on the validation loss usually ends sooner", gt=0)
+    learning_rate: float = opt(1e-3, "Adam LR", gt=0)
+    patience: int = opt(5, "epochs without a better validation loss before stopping", gt=0)
+    val_fraction: float = opt(0.1, "share of each class's train images held out for validation", gt=0, lt=1)
+    max_train_per_class: Optional[int] = opt(1000, "train images per class at most; null = all not in validation",
+                                             gt=0)
+    train_part: Optional[List[int]] = opt(None, "[k, n]: train on part k of n disjoint, seeded parts of the train "
+                                                "split (an independent judge trains on another part); null = all")
+    min_accuracy: float = opt(0.75, "a member whose validation accuracy is below this is not written (the test "
+                                    "split is never used to decide)", ge=0, le=1)
+    device: str = opt("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps")
+    save_dtype: DType = opt(DType.float32, "stored weights: float32 or float16 (halves a shipped oracle)")
 
-    def __post_init__(self) -> None:
-        """Checks that types alone cannot express; runs when load_config builds the object, before any model loads."""
-
-        def need(cond: bool, key: str, what: str) -> None:
-            if not cond:
-                raise ConfigError(f"classifier config: '{key}' {what}")
-
-        need(len(self.architectures) > 0, "architectures", "must name at least one architecture")
-        need(len(set(self.architectures)) == len(self.architectures), "architectures",
-             f"has duplicates: {list(self.architectures)} (one checkpoint per architecture)")
-        need(self.image_size > 0, "image_size", "must be > 0")
-        need(self.epochs > 0, "epochs", "must be > 0")
-        need(self.patience > 0, "patience", "must be > 0")
-        need(self.learning_rate > 0, "learning_rate", "must be > 0")
-        need(0.0 < self.val_fraction < 1.0, "val_fraction", f"= {self.val_fraction} must lie strictly between 0 and 1")
-        need(self.max_train_per_class is None or self.max_train_per_class > 0, "max_train_per_class",
-             "must be > 0 or null")
-        need(self.data.train_split != self.data.eval_split, "data.eval_split",
-             f"= '{self.data.eval_split}' is also the train split: the test images must not be trained on")
-        need(len(self.data.classes) in (0, 2), "data.classes",
-             f"= {list(self.data.classes)}: the oracle is binary, name exactly two classes (or none for the dataset's)")
-        dev = self.device
-        need(dev in ("auto", "cpu", "mps", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()), "device",
-             f"= '{dev}' must be auto, cpu, cuda, cuda:N or mps")
+    def check(self) -> None:
+        self.need(len(self.architectures) > 0, "architectures", "must name at least one architecture")
+        self.need(len(set(self.architectures)) == len(self.architectures), "architectures",
+                  "has duplicates (one checkpoint per architecture)")
+        self.need(self.data.train_split != self.data.eval_split, "data.eval_split",
+                  f"= '{self.data.eval_split}' is also the train split: the test images must not be trained on")
+        self.need(len(self.data.classes) != 1, "data.classes",
+                  "names one class: a classifier needs two or more (or none for the dataset's)")
+        self.need(self.train_part is None or (len(self.train_part) == 2 and 0 <= self.train_part[0] < self.train_part[1]),
+                  "train_part", "must be [k, n] with 0 <= k < n, or null")
+        self.need(check_device(self.device), "device", "must be auto, cpu, cuda, cuda:N or mps")
+        self.need(self.save_dtype in (DType.float32, DType.float16), "save_dtype", "must be float32 or float16")
 
 
 @dataclass
-class MiniConfig:
+class MiniConfig(Schema):
     """scripts/train_mini_model.py: a small Kandinsky-2.2-shaped model (MoVQ, CLIP image encoder, UNet, DDPM
     scheduler) trained from scratch on the CPU, for the offline demo. Three stages, each saved when done:
     the MoVQ autoencoder, then the image encoder (supervised-contrastive on the labels, then frozen), then the UNet
     (epsilon MSE, conditioned on the frozen encoder's embedding with Gaussian noise added and a share replaced by c_0).
     """
 
-    output_dir: str = MISSING  # the model folder: decoder/{unet,movq,scheduler}, prior/{image_encoder,image_processor}
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    image_size: int = 32
-    num_threads: Optional[int] = None  # torch CPU threads (the mini model trains on the CPU); null = torch's default
-    # MoVQ: three levels (latents are image_size / 4), trained as a plain autoencoder (quantiser bypassed)
-    movq_channels: int = 32
-    movq_steps: int = 300
-    movq_lr: float = 1e-3
-    latent_std_weight: float = 0.01  # keeps the latents near unit variance (there is no scaling factor)
-    # image encoder: a small CLIP vision transformer, supervised-contrastive on the labels, with augmentations that
-    # make the embedding ignore position and size (semantic but lossy, like CLIP)
-    encoder_hidden: int = 128
-    encoder_layers: int = 4
-    encoder_patch: int = 8
-    embed_dim: int = 64
-    encoder_steps: int = 600
-    encoder_lr: float = 1e-3
-    contrastive_temperature: float = 0.1
-    # UNet
-    unet_channels: List[int] = field(default_factory=lambda: [64, 128])
-    unet_steps: int = 4000
-    unet_lr: float = 5e-4
-    embed_noise: float = 0.3  # Gaussian noise of this fraction of the embedding's norm, added while the UNet trains
-    null_prob: float = 0.1  # share of embeddings replaced by c_0 (the unconditional branch of guidance)
-    batch_size: int = 64
-    save_dtype: DType = DType.float16
-    overwrite: bool = False  # retrain stages whose output already exists
+    RUN_CONTROL_KEYS: ClassVar[FrozenSet[str]] = frozenset({"output_dir", "num_threads", "overwrite"})
+    output_dir: str = opt(MISSING, "the model folder: decoder/{unet,movq,scheduler}, prior/{image_encoder,"
+                                   "image_processor}")
+    seed: int = opt(0, "every random draw of the three stages")
+    data: DataConfig = opt(help="the training data (all classes)", factory=DataConfig)
+    image_size: int = opt(32, "pixels", gt=0)
+    num_threads: Optional[int] = opt(None, "torch CPU threads; null = torch's default", gt=0)
+    movq_channels: int = opt(32, "MoVQ width (three levels: latents are image_size / 4)", gt=0)
+    movq_steps: int = opt(300, "MoVQ training steps", gt=0)
+    movq_lr: float = opt(1e-3, "MoVQ AdamW LR", gt=0)
+    latent_std_weight: float = opt(0.01, "keeps the latents near unit variance (there is no scaling factor)", ge=0)
+    encoder_hidden: int = opt(128, "image encoder width", gt=0)
+    encoder_layers: int = opt(4, "image encoder layers", gt=0)
+    encoder_patch: int = opt(8, "image encoder patch size", gt=0)
+    embed_dim: int = opt(64, "embedding width (image_embeds)", gt=0)
+    encoder_steps: int = opt(600, "encoder training steps (supervised-contrastive)", gt=0)
+    encoder_lr: float = opt(1e-3, "encoder AdamW LR", gt=0)
+    contrastive_temperature: float = opt(0.1, "supervised-contrastive temperature", gt=0)
+    unet_channels: List[int] = opt(help="UNet block widths", factory=lambda: [64, 128], gt=0)
+    unet_steps: int = opt(4000, "UNet training steps", gt=0)
+    unet_lr: float = opt(5e-4, "UNet AdamW LR", gt=0)
+    embed_noise: float = opt(0.3, "Gaussian noise of this fraction of the embedding's norm, added while the UNet "
+                                  "trains", ge=0)
+    null_prob: float = opt(0.1, "share of embeddings replaced by c_0 (the unconditional branch of guidance)",
+                           ge=0, le=1)
+    batch_size: int = opt(64, "images per step", gt=0)
+    save_dtype: DType = opt(DType.float16, "stored weights")
+    overwrite: bool = opt(False, "retrain stages whose output already exists")
 
 
 SCHEMAS: Dict[str, type] = {
@@ -338,202 +502,240 @@ SCHEMAS: Dict[str, type] = {
     "classifier": ClassifierConfig,
 }
 
+# Old key -> new key. The old name still works, with a warning, so existing configs keep running.
+DEPRECATED_KEYS: Dict[type, Dict[str, str]] = {EditConfig: {"num_images": "class_mean_images"}}
+
 C = TypeVar("C")
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Loading and validation
+# Schema introspection (for errors, list coercion and --help)
 # --------------------------------------------------------------------------------------------------------------------
+def _field_type(schema: type, dotted: str) -> Any:
+    """The annotated type of key ``a.b.c`` in a dataclass schema, or None when it does not exist."""
+    cls: Any = schema
+    for part in dotted.split("."):
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        cls = hints[part]
+    return cls
+
+
+def _is_list(tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        return any(_is_list(a) for a in typing.get_args(tp) if a is not type(None))
+    return origin in (list, List)
+
+
 def _valid_keys(schema: type, dotted: str) -> List[str]:
     """The field names at the level of ``dotted`` (a.b.c) in a dataclass schema."""
-    cls: Any = schema
-    for part in dotted.split(".")[:-1]:
-        cls = typing.get_type_hints(cls).get(part) if dataclasses.is_dataclass(cls) else None
-    return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+    parent = dotted.rsplit(".", 1)[0] if "." in dotted else ""
+    cls = _field_type(schema, parent) if parent else schema
+    return [f.name for f in dataclasses.fields(cls)] if isinstance(cls, type) and dataclasses.is_dataclass(cls) else []
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return f"{_type_name(inner[0])} or null" if len(inner) == 1 else " | ".join(map(_type_name, inner))
+    if origin in (list, List):
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin in (dict, Dict):
+        return "mapping"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return " | ".join(m.value for m in tp)
+    return getattr(tp, "__name__", str(tp))
+
+
+def describe(schema: type, prefix: str = "") -> List[Tuple[str, str, str, str]]:
+    """Every key of a schema as (dotted key, type, default, meaning), sections flattened, from the field metadata."""
+    rows: List[Tuple[str, str, str, str]] = []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            rows += describe(tp, f"{key}.")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = MISSING
+        shown = "(required)" if default == MISSING else ("null" if default is None else _show(default))
+        rows.append((key, _type_name(tp), shown, f.metadata.get("help", "")))
+    return rows
+
+
+def help_text(schema: type) -> str:
+    """The keys of ``schema`` for ``--help``: one line each with type and default, then the meaning."""
+    lines = []
+    for key, tp, default, meaning in describe(schema):
+        lines.append(f"  {key} ({tp}; default {default})\n      {meaning}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------------
+def _flat_keys(node: Any, prefix: str = "") -> List[str]:
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in ([f"{prefix}{key}"] + _flat_keys(v, f"{prefix}{key}."))]
+    return []
+
+
+def _apply_aliases(schema: type, layer: DictConfig, source: str) -> DictConfig:
+    """Rename deprecated keys of one layer to their new names, with a warning naming both."""
+    for old, new in DEPRECATED_KEYS.get(schema, {}).items():
+        if OmegaConf.select(layer, old, default=None) is not None or old in layer:
+            log.warning("%s: key '%s' is deprecated; it is now '%s' (same meaning). Rename it.", source, old, new)
+            if new in layer:
+                raise ConfigError(f"{source}: both '{old}' (deprecated) and '{new}' are set; keep only '{new}'",
+                                  key=new)
+            value = layer.pop(old)
+            layer[new] = value
+    return layer
+
+
+def _listify(schema: type, layer: DictConfig) -> DictConfig:
+    """A scalar where the schema expects a list becomes a one-element list (``eta=2`` means ``eta=[2.0]``)."""
+    container = OmegaConf.to_container(layer)
+    for key in _flat_keys(container):
+        value = OmegaConf.select(layer, key)
+        if _is_list(_field_type(schema, key)) and value is not None and not isinstance(value, (ListConfig, list)):
+            OmegaConf.update(layer, key, [value], merge=False)
+    return layer
 
 
 def _explain(err: OmegaConfBaseException, schema: type, source: str) -> ConfigError:
-    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    key = str(getattr(err, "full_key", None) or getattr(err, "key", None) or "?")
     msg = str(err).splitlines()[0]
     if isinstance(err, ConfigKeyError):
-        valid = _valid_keys(schema, str(key))
-        leaf = str(key).split(".")[-1]
+        valid = _valid_keys(schema, key)
+        leaf = key.split(".")[-1]
         close = difflib.get_close_matches(leaf, valid, n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        return ConfigError(
-            f"{source}: unknown config key '{key}'.{hint} Valid keys here: {', '.join(valid) or '(none)'}."
-        )
-    return ConfigError(f"{source}: bad value for '{key}': {msg}")
+        where = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        return ConfigError(f"{source}: unknown config key '{key}'.{hint} Valid keys here: "
+                           f"{', '.join(where + v for v in valid) or '(none)'}.", key=key)
+    tp = _field_type(schema, key)
+    expected = f" (expected {_type_name(tp)})" if tp is not None else ""
+    return ConfigError(f"{source}: bad value for '{key}'{expected}: {msg}", key=key)
+
+
+def resolve_config_path(config_path: str) -> Path:
+    """The YAML file of ``--config_path``: the path itself, or an alias (``configs/edit/retina.yaml`` is the Kermany
+    OCT domain's ``kermany.yaml``). A missing file raises a ConfigError listing the configs beside it and the closest
+    name."""
+    path = Path(config_path)
+    if path.is_file():
+        return path
+    alias = CONFIG_ALIASES.get(path.stem)
+    if alias is not None and (path.parent / f"{alias}.yaml").is_file():
+        log.info("%s: using %s (the %s domain's config)", path, path.parent / f"{alias}.yaml", path.stem)
+        return path.parent / f"{alias}.yaml"
+    folder = path.parent if path.parent.is_dir() else CONFIGS_DIR
+    existing = sorted(p.name for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    close = difflib.get_close_matches(path.name, existing, n=1, cutoff=0.4)
+    hint = f" Did you mean {folder / close[0]}?" if close else ""
+    listing = f" Configs in {folder}: {', '.join(existing)}." if existing else \
+        f" Configs live in {CONFIGS_DIR}/<edit|lora|embeds|classifier|mini>/<dataset>.yaml."
+    raise ConfigError(f"config file not found: {path}.{hint}{listing}")
+
+
+# The paper's names for domains whose config files use the dataset's name.
+CONFIG_ALIASES: Dict[str, str] = {"retina": "kermany", "oct": "kermany", "blackhole": "mad_sane",
+                                  "black_hole": "mad_sane", "butterflies": "butterfly"}
 
 
 def load_config(schema: Type[C], config_path: Optional[str], overrides: Sequence[str] = ()) -> C:
     """Merge schema defaults <- YAML file <- ``key.sub=value`` overrides, validate, return the typed object.
 
-    Raises ConfigError (naming the file and key) on an unknown key, a wrong type, a missing required value or a value
-    that fails :func:`validate`.
+    Raises ConfigError naming the file or the override and the key: an unknown key, a wrong type, a missing
+    required value, or a value the schema refuses.
     """
     base = OmegaConf.structured(schema)
-    layers: List[Any] = []
+    layers: List[Tuple[str, DictConfig]] = []
+    file_label = "config"
     if config_path is not None:
-        path = Path(config_path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path} (pass --config_path pointing at a YAML file in configs/)")
+        path = resolve_config_path(config_path)
+        file_label = str(path)
         try:
-            layers.append((str(path), OmegaConf.load(path)))
+            loaded = OmegaConf.load(path)
         except Exception as err:  # yaml syntax errors come in many types
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+            raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from err
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: the file must hold a mapping of keys (key: value lines), not a list")
+        layers.append((str(path), loaded))
+    override_keys: Dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
-    if overrides:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value (e.g. eta=[1.0] or "
+                              f"data.num_samples=5)")
         try:
-            layers.append(("command-line overrides", OmegaConf.from_dotlist(list(overrides))))
+            one = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as err:
-            raise ConfigError(f"command-line overrides: {err}") from err
+            raise ConfigError(f"command-line override '{item}': {str(err).splitlines()[0]}") from err
+        key = item.split("=", 1)[0].strip()
+        override_keys[key] = item
+        layers.append((f"command-line override '{item}'", one))
     cfg: DictConfig = base
     for source, layer in layers:
         try:
+            layer = _listify(schema, _apply_aliases(schema, layer, source))
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as err:
             raise _explain(err, schema, source) from err
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ConfigError(
-            f"{config_path or 'config'}: required key(s) not set: {', '.join(missing)} "
-            f"(set them in the YAML or as key=value on the command line)"
-        )
-    obj = OmegaConf.to_object(cfg)
-    validate(obj, source=str(config_path or "config"))
-    return obj  # type: ignore[return-value]
-
-
-def validate(cfg: Any, source: str = "config") -> None:
-    """Value checks that types alone cannot express. Raises ConfigError naming the key."""
-
-    def need(cond: bool, key: str, what: str) -> None:
-        if not cond:
-            raise ConfigError(f"{source}: '{key}' {what}")
-
-    if hasattr(cfg, "data"):
-        d = cfg.data
-        need(d.num_samples is None or d.num_samples > 0, "data.num_samples", "must be a positive integer or null")
-        need(len(d.background) == 3 and all(0 <= v <= 255 for v in d.background), "data.background",
-             "must be three integers in 0..255 (RGB)")
-        need(len(set(d.classes)) == len(d.classes), "data.classes", f"has duplicates: {d.classes}")
-        for cls in d.file_lists:
-            need(not d.classes or cls in d.classes, f"data.file_lists.{cls}", f"names a class not in data.classes {d.classes}")
-        from datasets.registry import DATASETS  # the data layer is plain python; importing it loads no model
-
-        if d.name not in DATASETS:
-            close = difflib.get_close_matches(d.name, list(DATASETS), n=3)
-            raise ConfigError(
-                f"{source}: 'data.name' = '{d.name}' is not a known dataset"
-                f"{' (did you mean ' + ', '.join(close) + '?)' if close else ''}. Known: {', '.join(DATASETS)}"
-            )
-    for key in ("batch_size", "train_batch_size"):
-        if hasattr(cfg, key):
-            need(getattr(cfg, key) > 0, key, "must be > 0")
-    if hasattr(cfg, "model"):
-        dev = cfg.model.device
-        need(dev in ("auto", "cpu", "mps") or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit()),
-             "model.device", f"= '{dev}' must be auto, cpu, cuda, cuda:N or mps")
-        need(cfg.model.image_size is None or cfg.model.image_size > 0, "model.image_size", "must be > 0 or null")
-    if isinstance(cfg, EditConfig):
-        need(cfg.num_inference_steps > 0, "num_inference_steps", "must be > 0")
-        need(len(cfg.t_skips) > 0, "t_skips", "must list at least one value")
-        for t in list(cfg.t_skips) + [cfg.t_skip, cfg.views.strip_t_skip]:
-            need(0.0 <= t <= 1.0, "t_skips / t_skip", f"values must lie in [0, 1], got {t}")
-        need(len(cfg.eta) > 0, "eta", "must list at least one value")
-        for pair in cfg.directions:
-            need(len(pair) == 2 and pair[0] != pair[1], "directions", f"entries must be [source, target], got {pair}")
-        need(cfg.search in (SearchMode.fixed, SearchMode.sweep) or cfg.oracle_dir is not None, "oracle_dir",
-             f"must be set for search: {cfg.search.value} (or use search: fixed)")
-        need(cfg.num_images is None or cfg.num_images > 0, "num_images", "must be > 0 or null")
-        need(cfg.lora.step is None or cfg.lora.path is not None, "lora.step", "needs lora.path")
-        need(cfg.views.gif_frame_ms > 0, "views.gif_frame_ms", "must be > 0")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Stamping run folders
-# --------------------------------------------------------------------------------------------------------------------
-_STAMPED_PACKAGES = (
-    "torch", "torchvision", "diffusers", "transformers", "peft", "accelerate", "omegaconf", "open_clip_torch",
-    "safetensors", "pillow", "numpy", "lpips", "scikit-learn",
-)
-
-
-def git_commit() -> Optional[str]:
-    """The repository's HEAD commit (with '-dirty' when the tree has changes), or None outside git."""
+        raise ConfigError(f"{file_label}: required key(s) not set: {', '.join(missing)} (set them in the YAML or as "
+                          "key=value on the command line)")
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10)
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]  (runs every schema's validation)
+    except ConfigError as err:
+        raise ConfigError(f"{_blame(err.key, override_keys, file_label)}: {err}", key=err.key) from None
+    except OmegaConfBaseException as err:
+        cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else None
+        if cause is not None:
+            raise ConfigError(f"{_blame(cause.key, override_keys, file_label)}: {cause}", key=cause.key) from None
+        raise _explain(err, schema, file_label) from err
 
 
-def package_versions() -> Dict[str, Optional[str]]:
-    out: Dict[str, Optional[str]] = {}
-    for name in _STAMPED_PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+def _blame(key: Optional[str], override_keys: Dict[str, str], file_label: str) -> str:
+    """Who set ``key``: the override that names it (or one of its sections), else the file."""
+    if key:
+        for k, item in reversed(list(override_keys.items())):
+            if key == k or key.startswith(k + ".") or k.startswith(key + "."):
+                return f"command-line override '{item}'"
+    return file_label
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Comparing configs (resume)
+# --------------------------------------------------------------------------------------------------------------------
 def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def stamp_run_dir(cfg: Any, output_dir: Optional[str] = None) -> Path:
-    """Create the run folder and write config.yaml (resolved) and run_info.json (seed, git commit, versions, argv).
-
-    A resumed run keeps the first stamp's config.yaml when it is identical and refuses a different one, so a folder
-    never mixes results of two configs.
-    """
-    out = Path(output_dir or cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    text = to_yaml(cfg)
-    cfg_file = out / "config.yaml"
-    if cfg_file.exists() and cfg_file.read_text() != text:
-        old = OmegaConf.to_container(OmegaConf.create(cfg_file.read_text()))
-        new = OmegaConf.to_container(OmegaConf.create(text))
-        diff = sorted(_diff_keys(old, new))
-        allowed = {"batch_size", "overwrite", "data.num_workers", "model.device", "model.dtype"}
-        if set(diff) - allowed:
-            raise ConfigError(
-                f"{cfg_file} was written by a different config (keys differ: {', '.join(diff)}). "
-                f"Use a new output_dir, or delete {out} to start over."
-            )
-    atomic_write_text(cfg_file, text)
-    info = {
-        "seed": getattr(cfg, "seed", None),
-        "git_commit": git_commit(),
-        "argv": sys.argv,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "packages": package_versions(),
-    }
-    atomic_write_text(out / "run_info.json", json.dumps(info, indent=2))
-    return out
+def config_dict(cfg: Any) -> dict:
+    """The resolved config as plain nested dicts (enums as their values)."""
+    return OmegaConf.to_container(OmegaConf.create(to_yaml(cfg)))  # type: ignore[return-value]
 
 
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> List[str]:
+def differing_keys(a: Any, b: Any, prefix: str = "") -> List[str]:
+    """Dotted keys whose values differ between two nested dicts, sorted."""
     if isinstance(a, dict) and isinstance(b, dict):
-        keys: List[str] = []
-        for k in set(a) | set(b):
-            keys += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
-        return keys
+        return sorted(k for key in set(a) | set(b) for k in differing_keys(a.get(key), b.get(key), f"{prefix}{key}."))
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def result_keys_changed(schema: type, old: dict, new: dict) -> List[str]:
+    """The keys that differ between two configs of ``schema`` and are not run-control keys: a resumed run that
+    changed one of them would mix results of two settings."""
+    control = getattr(schema, "RUN_CONTROL_KEYS", frozenset())
+    return [k for k in differing_keys(old, new) if k not in control]

@@ -10,7 +10,6 @@ Embedding files: ``<embeds_dir>/<class>.safetensors`` holds one tensor ``embeds`
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -18,12 +17,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from diffusion.errors import EmbeddingsError
+from diffusion.files import atomic_save, atomic_write_text, make_dirs
+
 EMBEDS_KEY = "embeds"
 FORMAT_VERSION = "1"
-
-
-class EmbeddingsError(ValueError):
-    """An embedding file is missing, incomplete or does not fit the model; the message says which and what to do."""
 
 
 def class_mean(embeds: torch.Tensor, num_images: Optional[int] = None) -> torch.Tensor:
@@ -59,15 +57,12 @@ def save_class_embeds(embeds_dir: str | Path, class_name: str, embeds: torch.Ten
     if embeds.shape[0] != len(files):
         raise EmbeddingsError(f"{class_name}: {embeds.shape[0]} embeddings for {len(files)} files")
     tensor_path, json_path = embeds_paths(embeds_dir, class_name)
-    tensor_path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(tensor_path.parent)
     meta = {**{k: str(v) for k, v in meta.items()}, "class_name": class_name, "num_images": str(len(files)),
             "embed_dim": str(embeds.shape[1]), "format_version": FORMAT_VERSION}
-    tmp = tensor_path.with_name(f".{tensor_path.name}.tmp{os.getpid()}")
-    save_file({EMBEDS_KEY: embeds.float().contiguous().cpu()}, str(tmp), metadata=meta)
-    os.replace(tmp, tensor_path)
-    tmp_json = json_path.with_name(f".{json_path.name}.tmp{os.getpid()}")
-    tmp_json.write_text(json.dumps({**meta, "files": list(files), "skipped": list(skipped)}, indent=1))
-    os.replace(tmp_json, json_path)
+    tensors = {EMBEDS_KEY: embeds.float().contiguous().cpu()}
+    atomic_save(tensor_path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_write_text(json_path, json.dumps({**meta, "files": list(files), "skipped": list(skipped)}, indent=1))
     return tensor_path
 
 

@@ -63,6 +63,25 @@ def make_schedule(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, final_a
     return Schedule(timesteps=ts, alpha=alpha, alpha_prev=alpha_prev)
 
 
+def ddpm_schedule(scheduler, num_inference_steps: int) -> Schedule:
+    """The T-step schedule of a diffusers DDPM scheduler: its own ``timestep_spacing`` / ``steps_offset`` and its
+    alphas_cumprod (the scheduler object is only asked for its config; nothing is imported here).
+
+    After the last step a_{t'} = alphas_cumprod[0] (one more step down to t = 0): sigma stays > 0 there, so the
+    stored noise maps reconstruct w_0 exactly.
+
+    Raises:
+        ValueError: ``num_inference_steps`` is not in 1 .. the scheduler's ``num_train_timesteps``.
+    """
+    train_steps = int(scheduler.config.num_train_timesteps)
+    if not 1 <= num_inference_steps <= train_steps:
+        raise ValueError(f"num_inference_steps = {num_inference_steps} must lie in 1 .. {train_steps} (the "
+                         "scheduler's num_train_timesteps)")
+    sched = type(scheduler).from_config(scheduler.config)
+    sched.set_timesteps(num_inference_steps)
+    return make_schedule(sched.alphas_cumprod, sched.timesteps, final_alpha=float(sched.alphas_cumprod[0]))
+
+
 def math_dtype(device: torch.device | str) -> torch.dtype:
     """float64 for the latent trajectory, except on devices without it (MPS: float32)."""
     return torch.float32 if torch.device(device).type == "mps" else torch.float64

@@ -19,7 +19,8 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from diffusion.config import ConfigError
+from diffusion.errors import ConfigError
+from diffusion.files import make_dirs, output_error
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,17 @@ def save_lora(unet: UNet2DConditionModel, folder: str | Path) -> Path:
     Atomic: written into a temporary folder beside it, then renamed over the old file, so a crash or a full disk
     never leaves a half-written adapter. ``unet`` must be unwrapped (``accelerator.unwrap_model``).
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=folder))
+    folder = make_dirs(folder)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=folder))
+    except OSError as err:
+        raise output_error(folder, err, "write into") from err
     try:
         with _quiet_diffusers_dtype_warning():
             unet.save_lora_adapter(str(tmp), adapter_name=ADAPTER_NAME, safe_serialization=True)
         os.replace(tmp / WEIGHTS_NAME, folder / WEIGHTS_NAME)
+    except OSError as err:
+        raise output_error(folder / WEIGHTS_NAME, err) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder / WEIGHTS_NAME

@@ -17,11 +17,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from diffusion.errors import LpipsError
+
 log = logging.getLogger(__name__)
-
-
-class LpipsError(RuntimeError):
-    pass
 
 
 class Lpips:
@@ -75,20 +73,31 @@ def _judged(rows: Sequence[Dict[str, str]]) -> bool:
 
 
 def _is_flip(row: Dict[str, str]) -> bool:
-    return row.get("flipped") == "1"
+    return row.get("flipped") == "1" and not is_already_target(row)
+
+
+def is_already_target(row: Dict[str, str]) -> bool:
+    """The oracle already assigned the original to the target class: not searched, never a flip, not attempted."""
+    return row.get("already_target") == "1"
+
+
+def attempted(rows: Sequence[Dict[str, str]]) -> List[Dict[str, str]]:
+    """The rows that were really edited towards their target (every row but the already-target ones)."""
+    return [r for r in rows if not is_already_target(r)]
 
 
 def flip_rate(rows: Sequence[Dict[str, str]]) -> Optional[float]:
-    """Flipped rows / ALL rows; None when no oracle judged them. A row left without a verdict in a judged run counts
-    as not flipped: it was attempted."""
-    if not rows or not _judged(rows):
+    """Flipped rows / ALL attempted rows; None when no oracle judged them. A row left without a verdict in a judged
+    run counts as not flipped: it was attempted. Already-target rows are not attempted edits (counted apart)."""
+    tried = attempted(rows)
+    if not tried or not _judged(tried):
         return None
-    return sum(_is_flip(r) for r in rows) / len(rows)
+    return sum(_is_flip(r) for r in tried) / len(tried)
 
 
 def t_skip_histogram(rows: Iterable[Dict[str, str]]) -> Dict[str, int]:
-    """{t_skip: rows}, strongest t_skip (largest) first."""
-    counts = Counter(float(r["t_skip"]) for r in rows)
+    """{t_skip: rows}, mildest t_skip (largest) first; rows without a t_skip (already the target) left out."""
+    counts = Counter(float(r["t_skip"]) for r in rows if r.get("t_skip") not in (None, ""))
     return {f"{t:g}": counts[t] for t in sorted(counts, reverse=True)}
 
 
@@ -109,8 +118,7 @@ def _group_summary(rows: List[Dict[str, str]]) -> Dict[str, object]:
         "n": len(rows),
         "n_flipped": len(flips),
         "flip_rate": flip_rate(rows),
-        # originals the oracle already assigns to the target class: their "flips" teach nothing; counted apart
-        "n_already_target": sum(r.get("oracle_pred_before") == r["target_class"] for r in rows),
+        "n_already_target": sum(is_already_target(r) for r in rows),
         "lpips_mean": _mean(_f(r.get("lpips")) for r in flips),
         "l2_mean": _mean(_f(r.get("l2")) for r in flips),
         "t_skip_mean": _mean(_f(r.get("t_skip")) for r in rows),
@@ -131,8 +139,8 @@ def summarize(rows: List[Dict[str, str]]) -> Dict[str, object]:
         "n_flipped": len(flipped),
         "n_unjudged": sum(r.get("flipped") in (None, "") for r in rows) if _judged(rows) else 0,
         "flip_rate": flip_rate(rows),
-        # originals the oracle already assigns to the target class: their "flips" teach nothing; counted apart
-        "n_already_target": sum(r.get("oracle_pred_before") == r["target_class"] for r in rows),
+        # originals the oracle already assigns to the target class: not searched, never flips, counted apart
+        "n_already_target": sum(is_already_target(r) for r in rows),
         "lpips_mean": _mean(_f(r.get("lpips")) for r in flipped),
         "l2_mean": _mean(_f(r.get("l2")) for r in flipped),
         "l2_mean_all": _mean(_f(r.get("l2")) for r in rows),
@@ -156,7 +164,7 @@ def load_run_rows(run_dir: str | Path) -> List[Dict[str, str]]:
     Raises:
         FileNotFoundError: the folder holds neither results.csv nor shards/results.*.csv.
     """
-    from diffusion.results import collect_rows, result_sources
+    from diffusion.edit.results import collect_rows, result_sources
 
     if not any(p.is_file() for p in result_sources(run_dir)):
         raise FileNotFoundError(f"{run_dir} holds no results.csv (nor shards/results.*.csv): is it the output_dir of "

@@ -8,6 +8,7 @@ tiny models of the tests and the real 2.2 weights run through exactly the same c
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -18,30 +19,12 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-from diffusion.config import ConfigError, DType, ModelConfig
+from diffusion.config import ModelConfig
+from diffusion.devices import resolve_device, resolve_dtype
+from diffusion.inversion import cfg_eps
+from diffusion.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
-
-
-class ModelLoadError(RuntimeError):
-    """The weights could not be loaded; the message says from where and what to do."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; anything else as given (checked to exist)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"model.device = '{name}' but CUDA is not available here; use model.device=cpu or auto")
-    return dev
-
-
-def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
-    """``auto`` -> float16 on CUDA, float32 elsewhere."""
-    if dtype == DType.auto:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {DType.float32: torch.float32, DType.float16: torch.float16, DType.bfloat16: torch.bfloat16}[dtype]
 
 
 @dataclass
@@ -140,6 +123,50 @@ class Decoder:
         ).sample
         return out[:, : self.latent_channels].float()
 
+    def eps_fn(self, timesteps: torch.Tensor, cond: torch.Tensor, null: Optional[torch.Tensor] = None,
+               guidance: Optional[float] = None, counter: Optional[torch.Tensor] = None):
+        """The network as the ``eps_fn(w, step, rows)`` of :mod:`diffusion.inversion`: row r is conditioned on
+        ``cond[r]`` (R, D); with ``guidance`` g, classifier-free guidance against ``null`` (1, D), both branches in
+        one UNet batch:
+
+            eps = eps(w, t, c_0) + g (eps(w, t, cond) - eps(w, t, c_0))
+
+        ``counter`` (R,) long, when given, accumulates the UNet evaluations spent on each row (2 per guided step).
+        This is the one place classifier-free guidance is applied."""
+        if guidance is not None and null is None:
+            raise ValueError("guidance needs the null embedding")
+
+        def fn(w: torch.Tensor, steps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            t = timesteps[steps].to(self.device)
+            n = len(rows)
+            embeds = cond[rows.to(cond.device)]
+            if guidance is None:
+                if counter is not None:
+                    counter.index_add_(0, rows, torch.ones(n, dtype=counter.dtype))
+                return self.eps(w, t, embeds).to(w.device)
+            if counter is not None:
+                counter.index_add_(0, rows, torch.full((n,), 2, dtype=counter.dtype))
+            both = torch.cat([null.to(embeds.device).reshape(1, -1).expand(n, -1), embeds])
+            eps = self.eps(torch.cat([w, w]), torch.cat([t, t]), both).to(w.device)
+            return cfg_eps(eps[:n], eps[n:], guidance)
+
+        return fn
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A short hash of a module's weights: every tensor's name, shape, dtype and up to 1024 evenly spaced values.
+
+    Cheap even for multi-GB models, and different for any two checkpoints in practice (fine-tuned weights change
+    nearly every value).
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)][:1024].float().cpu()
+        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:20]
+
 
 def _from_pretrained(cls, source: str, subfolder: str, cfg: ModelConfig, loader: str = "from_pretrained", **kwargs):
     local = Path(source).is_dir()
@@ -150,6 +177,11 @@ def _from_pretrained(cls, source: str, subfolder: str, cfg: ModelConfig, loader:
         )
     except (OSError, ValueError, EnvironmentError) as err:
         where = f"local folder {source}/{subfolder}" if local else f"hub id '{source}' (subfolder {subfolder})"
+        if kwargs.get("use_safetensors") and "safetensors" in str(err).lower():
+            raise ModelLoadError(
+                f"{where} has no .safetensors weights for {cls.__name__} (only pickle-format files such as .bin, "
+                "which can run code when loaded). Convert them to safetensors, or set model.allow_pickle_weights=true "
+                "if you trust where they came from.") from err
         raise ModelLoadError(
             f"could not load {cls.__name__} from {where}: {str(err).splitlines()[0]}\n"
             "  - on a machine with internet, run once without HF_HUB_OFFLINE / model.local_files_only so the weights "
@@ -174,7 +206,8 @@ def _image_size(cfg: ModelConfig, unet_cfg, movq_cfg) -> int:
     scale = 2 ** (len(movq_cfg["block_out_channels"]) - 1)
     size = cfg.image_size or int(unet_cfg["sample_size"]) * scale
     if size % scale:
-        raise ConfigError(f"model.image_size = {size} must be a multiple of the MoVQ scale factor {scale}")
+        raise ConfigError(f"model.image_size = {size} must be a multiple of the MoVQ scale factor {scale}",
+                          key="model.image_size")
     return size
 
 
@@ -183,8 +216,9 @@ def load_decoder(cfg: ModelConfig, device: Optional[torch.device] = None,
     """UNet, MoVQ and scheduler from ``cfg.decoder`` (a hub id or a folder with unet/, movq/, scheduler/)."""
     device = device or resolve_device(cfg.device)
     dtype = dtype or resolve_dtype(cfg.dtype, device)
-    unet = _from_pretrained(UNet2DConditionModel, cfg.decoder, "unet", cfg, torch_dtype=dtype)
-    movq = _from_pretrained(VQModel, cfg.decoder, "movq", cfg, torch_dtype=dtype)
+    safe = None if cfg.allow_pickle_weights else True
+    unet = _from_pretrained(UNet2DConditionModel, cfg.decoder, "unet", cfg, torch_dtype=dtype, use_safetensors=safe)
+    movq = _from_pretrained(VQModel, cfg.decoder, "movq", cfg, torch_dtype=dtype, use_safetensors=safe)
     scheduler = _from_pretrained(DDPMScheduler, cfg.decoder, "scheduler", cfg)
     unet.to(device).eval().requires_grad_(False)
     movq.to(device).eval().requires_grad_(False)
@@ -210,7 +244,8 @@ def load_image_encoder(cfg: ModelConfig, device: Optional[torch.device] = None,
     """The prior's CLIP image encoder and processor from ``cfg.prior`` (subfolders image_encoder/, image_processor/)."""
     device = device or resolve_device(cfg.device)
     dtype = dtype or resolve_dtype(cfg.dtype, device)
-    model = _from_pretrained(CLIPVisionModelWithProjection, cfg.prior, "image_encoder", cfg, dtype=dtype)
+    model = _from_pretrained(CLIPVisionModelWithProjection, cfg.prior, "image_encoder", cfg, dtype=dtype,
+                             use_safetensors=None if cfg.allow_pickle_weights else True)
     processor = _from_pretrained(CLIPImageProcessor, cfg.prior, "image_processor", cfg)
     model.to(device).eval().requires_grad_(False)
     return ImageEncoder(model=model, processor=processor)

@@ -11,17 +11,13 @@ from tqdm.auto import tqdm
 
 from diffusion.config import EmbedsConfig
 from diffusion.data import dataset_classes, make_loader, split_records
-from diffusion.embeddings import EmbeddingsError, read_class_meta, save_class_embeds
+from diffusion.embeddings import read_class_meta, save_class_embeds
+from diffusion.errors import EmbeddingsError
+from diffusion.files import relative_path
+from diffusion.runinfo import stamp_run_dir
 from diffusion.models import ImageEncoder, decoder_image_size, load_image_encoder
 
 log = logging.getLogger(__name__)
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(path)
 
 
 def _is_complete(meta: dict, expected: Dict[str, str], candidates: List[str], where: Path) -> bool:
@@ -51,11 +47,12 @@ def embed_class(encoder: ImageEncoder, cfg: EmbedsConfig, records, image_size: i
     return torch.cat(rows), kept, skipped
 
 
-def save_embeddings(cfg: EmbedsConfig, encoder: Optional[ImageEncoder] = None) -> Dict[str, Path]:
+def save_embeddings(cfg: EmbedsConfig, encoder: Optional[ImageEncoder] = None, stamp: bool = False) -> Dict[str, Path]:
     """Embed every image of ``cfg.split`` (default the train split) of every class into ``output_dir/<class>``.
 
     Complete classes are skipped unless ``overwrite``; files are written atomically, so a run that is interrupted
     resumes at the class it was on. ``encoder``: an already loaded image encoder to use (else loaded on demand).
+    ``stamp``: write config.yaml / run_info.json into output_dir once the data has been listed and checked.
     """
     split = cfg.split or cfg.data.train_split
     classes = dataset_classes(cfg.data)
@@ -63,10 +60,12 @@ def save_embeddings(cfg: EmbedsConfig, encoder: Optional[ImageEncoder] = None) -
     out = Path(cfg.output_dir)
     records_all = split_records(cfg.data, split, classes)  # listed (and checked) before any model loads
     size = decoder_image_size(cfg.model)
+    if stamp:
+        stamp_run_dir(cfg, has_results=lambda folder: any(folder.glob("*.safetensors")))
     written: Dict[str, Path] = {}
     for c in classes:
         records = [r for r in records_all if r.class_name == c]
-        candidates = [_relative(r.path, root) for r in records]
+        candidates = [relative_path(r.path, root) for r in records]
         meta = read_class_meta(out, c)
         expected = {"model": cfg.model.prior, "split": split}
         if meta is not None and not cfg.overwrite and _is_complete(meta, expected, candidates, out / f"{c}.json"):
@@ -81,9 +80,20 @@ def save_embeddings(cfg: EmbedsConfig, encoder: Optional[ImageEncoder] = None) -
         for path in skipped:
             log.warning("class %s: skipped unreadable %s", c, path)
         written[c] = save_class_embeds(
-            out, c, embeds, [_relative(Path(p), root) for p in kept],
+            out, c, embeds, [relative_path(Path(p), root) for p in kept],
             meta={**expected, "data_root": str(root), "dataset": cfg.data.name},
-            skipped=[_relative(Path(p), root) for p in skipped],
+            skipped=[relative_path(Path(p), root) for p in skipped],
         )
         log.info("class %s: %d embeddings -> %s", c, len(kept), written[c])
     return written
+
+
+def compute_missing_class_embeddings(edit_cfg, encoder: ImageEncoder) -> Dict[str, Path]:
+    """An editing run's ``compute_missing_embeds``: embed the whole train split into ``embeds_dir`` as
+    scripts/save_embeds.py would (complete classes are kept). data.num_samples caps what is edited, and
+    class_mean_images what the class means use, so neither limits the files written here."""
+    import dataclasses
+
+    every_train_image = dataclasses.replace(edit_cfg.data, num_samples=None)
+    return save_embeddings(EmbedsConfig(output_dir=edit_cfg.embeds_dir, model=edit_cfg.model, data=every_train_image,
+                                        batch_size=edit_cfg.batch_size), encoder=encoder)

@@ -11,9 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
 
-from diffusion.metrics import comparison_table, load_run_rows, run_settings, summarize  # noqa: E402
+from diffusion.metrics import comparison_table, load_run_rows, run_settings, summarize
 
 
 def main(argv=None) -> int:

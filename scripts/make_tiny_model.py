@@ -6,12 +6,9 @@ Point model.decoder at OUT_DIR/decoder and model.prior at OUT_DIR/prior.
 """
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
 
-from diffusion.tiny import make_tiny_model  # noqa: E402
+from diffusion.demo.tiny import make_tiny_model
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

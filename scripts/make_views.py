@@ -11,10 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
 
-from diffusion.cli import setup_logging  # noqa: E402
-from diffusion.gallery import run_frame_ms, write_views  # noqa: E402
+from diffusion.cli import setup_logging
+from diffusion.views.gallery import run_frame_ms, write_views
 
 
 def main(argv=None) -> int:

@@ -5,21 +5,20 @@
 Stages (MoVQ, image encoder, UNet) are saved as they finish; a rerun skips finished stages (overwrite=true retrains).
 """
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
-
-from diffusion.cli import run  # noqa: E402
-from diffusion.config import MiniConfig, stamp_run_dir  # noqa: E402
+from diffusion.cli import run
+from diffusion.config import MiniConfig
 
 
 def main(cfg: MiniConfig) -> None:
-    from diffusion.mini import train_mini_model
+    from diffusion.demo.mini import train_mini_model
+    from diffusion.runinfo import stamp_run_dir
 
     stamp_run_dir(cfg, Path(cfg.output_dir) / "training_run")
     train_mini_model(cfg)
 
 
 if __name__ == "__main__":
-    run(MiniConfig, main, description=__doc__)
+    run(MiniConfig, main, description=__doc__,
+        interrupted="the stages already saved are kept; rerun the same command to train the rest")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,6 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +26,7 @@ def one_thread_module():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A freshly built tiny model folder (decoder/, prior/), made through the same code as the shipped one."""
-    from diffusion.tiny import make_tiny_model
+    from diffusion.demo.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny_model"), seed=0)
 

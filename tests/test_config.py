@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from diffusion.config import SCHEMAS, ConfigError, EditConfig, EmbedsConfig, load_config, stamp_run_dir
+from diffusion.config import SCHEMAS, EditConfig, EmbedsConfig, load_config
+from diffusion.errors import ConfigError
+from diffusion.runinfo import stamp_run_dir
 
 REPO = Path(__file__).resolve().parent.parent
 ALL_CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))

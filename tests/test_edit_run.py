@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import diffusion.edit_run as edit_run
+import diffusion.edit.run as edit_run
 from diffusion.config import EditConfig, load_config, to_yaml
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,12 +1,13 @@
-"""The editing step: batching invariance, the t_skip searches and the exact count of UNet evaluations."""
+"""The editing engine: batching invariance, the t_skip searches and the exact count of UNet evaluations."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from diffusion.config import EditConfig, InversionCond, ModelConfig, SearchMode
-from diffusion.editing import Editor, Search, bisect_plan
+from diffusion.config import InversionCond, ModelConfig, SearchMode
+from diffusion.edit.editor import Editor
+from diffusion.edit.search import Search, bisect_plan
 from diffusion.models import load_decoder, load_image_encoder
 
 T = 10
@@ -18,11 +19,16 @@ def parts(tiny_model):
     return load_decoder(cfg), load_image_encoder(cfg)
 
 
-def _cfg(**kw) -> EditConfig:
-    base = dict(output_dir="x", embeds_dir="y", num_inference_steps=T, batch_size=3,
-                t_skips=[0.9, 0.7, 0.5, 0.3, 0.0], search=SearchMode.fixed, t_skip=0.6)
-    base.update(kw)
-    return EditConfig(**base)
+def _edit(decoder, encoder, images, e, mu_s, mu_t, gens, oracle=None, target=None, pred=None, image_of=None,
+          etas=(2.0,), search=SearchMode.fixed, t_skips=(0.6,), inversion=InversionCond.null, inversion_guidance=1.0,
+          guidance=4.0, batch_size=3):
+    """Invert ``images`` (per-image embeddings ``e``) and edit their items; returns (inversion, outcomes)."""
+    editor = Editor(decoder, encoder.null_embedding(), batch_size=batch_size)
+    inv = editor.invert(images, e, gens, T, inversion, inversion_guidance)
+    plan = editor.plan_for(search, t_skips, T, inversion)
+    outs = editor.edit(inv, mu_s, mu_t, list(etas), search, list(t_skips), guidance, image_of_item=image_of,
+                       oracle=oracle, target_index=target, pred_before=pred, plan=plan)
+    return inv, outs
 
 
 def _inputs(encoder, n=3, seed=0):
@@ -55,12 +61,12 @@ class DistanceOracle:
 def test_a_batch_of_three_equals_three_single_runs(parts):
     decoder, encoder = parts
     images, e, mu_s, mu_t = _inputs(encoder)
-    editor = Editor(decoder, _cfg(eta=[1.0, 2.0]), encoder.null_embedding())
-    _, together = editor.edit(images, e, mu_s, mu_t, None, _gens(3))
+    _, together = _edit(decoder, encoder, images, e, mu_s, mu_t, _gens(3), etas=(1.0, 2.0))
     for b in range(3):
-        _, alone = editor.edit(images[b:b + 1], e[b:b + 1], mu_s[:1], mu_t[:1], None, _gens(1, base=10 + b))
+        _, alone = _edit(decoder, encoder, images[b:b + 1], e[b:b + 1], mu_s[:1], mu_t[:1], _gens(1, base=10 + b),
+                         etas=(1.0, 2.0))
         for k, o in enumerate(alone):
-            match = [x for x in together if x.image == b and x.eta == o.eta][0]
+            match = [x for x in together if x.item == b and x.eta == o.eta][0]
             diff = (match.chosen.picture - o.chosen.picture).abs().max()
             assert diff < 1e-3, (b, o.eta, float(diff))  # batched convolutions round differently; < 1/4 grey level
 
@@ -68,13 +74,13 @@ def test_a_batch_of_three_equals_three_single_runs(parts):
 def test_fixed_search_counts_unet_evals_exactly(parts):
     decoder, encoder = parts
     images, e, mu_s, mu_t = _inputs(encoder, n=2)
-    inv, outs = Editor(decoder, _cfg(), encoder.null_embedding()).edit(images, e, mu_s, mu_t, None, _gens(2))
+    inv, outs = _edit(decoder, encoder, images, e, mu_s, mu_t, _gens(2))
     depth = T - round(0.6 * T)  # sampling from T_skip needs the noise maps of the steps it runs, no more
-    assert inv.evals.tolist() == [depth, depth]  # null-conditioned inversion: one evaluation per step
+    assert inv.counter.tolist() == [depth, depth]  # null-conditioned inversion: one evaluation per step
     assert all(o.sampling_evals == 2 * depth for o in outs)  # two branches per sampling step
-    inv, _ = Editor(decoder, _cfg(inversion=InversionCond.source, inversion_guidance=2.0),
-                    encoder.null_embedding()).edit(images, e, mu_s, mu_t, None, _gens(2))
-    assert inv.evals.tolist() == [2 * depth, 2 * depth]  # guided inversion: two per step
+    inv, _ = _edit(decoder, encoder, images, e, mu_s, mu_t, _gens(2), inversion=InversionCond.source,
+                   inversion_guidance=2.0)
+    assert inv.counter.tolist() == [2 * depth, 2 * depth]  # guided inversion: two per step
 
 
 def test_first_flip_stops_at_the_first_flip_and_counts_evals(parts):
@@ -83,26 +89,25 @@ def test_first_flip_stops_at_the_first_flip_and_counts_evals(parts):
     t_skips = [0.9, 0.7, 0.5, 0.3, 0.0]
     # never flips: every t_skip is tried, the strongest edit is kept, not flipped
     never = DistanceOracle(images, threshold=1e9)
-    ed = Editor(decoder, _cfg(search=SearchMode.first_flip, t_skips=t_skips), encoder.null_embedding(), never)
-    inv, outs = ed.edit(images, e, mu_s, mu_t, [1, 1, 1], _gens(3), torch.zeros(3, dtype=torch.long))
+    search = dict(search=SearchMode.first_flip, t_skips=t_skips, target=[1, 1, 1], pred=torch.zeros(3, dtype=torch.long))
+    inv, outs = _edit(decoder, encoder, images, e, mu_s, mu_t, _gens(3), oracle=never, **search)
     assert never.calls == len(t_skips)  # one oracle batch per round, all images together
     for o in outs:
         assert [a.t_skip for a in o.attempts] == t_skips and o.chosen.t_skip == 0.0 and o.flipped is False
-        assert int(inv.evals[o.image]) + o.sampling_evals == T + sum(2 * (T - round(t * T)) for t in t_skips)
+        assert int(inv.counter[o.item]) + o.sampling_evals == T + sum(2 * (T - round(t * T)) for t in t_skips)
     # flips when the edit moved far enough: the chosen attempt is the first one that flipped
     ref = [o.chosen.picture for o in outs]
-    dists = torch.stack([(r - images[o.image]).abs().mean() for r, o in zip(ref, outs)])
+    dists = torch.stack([(r - images[o.item]).abs().mean() for r, o in zip(ref, outs)])
     threshold = float(dists.median()) * 0.5
     oracle = DistanceOracle(images, threshold=threshold)
-    ed = Editor(decoder, _cfg(search=SearchMode.first_flip, t_skips=t_skips), encoder.null_embedding(), oracle)
-    inv, outs = ed.edit(images, e, mu_s, mu_t, [1, 1, 1], _gens(3), torch.zeros(3, dtype=torch.long))
+    inv, outs = _edit(decoder, encoder, images, e, mu_s, mu_t, _gens(3), oracle=oracle, **search)
     for o in outs:
         flips = [bool(a.probs.argmax() == 1) for a in o.attempts]
         if o.flipped:
             assert flips[-1] and not any(flips[:-1]) and o.chosen is o.attempts[-1]
         depth = max(T - round(a.t_skip * T) for a in o.attempts)  # inverted as deep as the strongest attempt
         expected = depth + sum(2 * (T - round(a.t_skip * T)) for a in o.attempts)
-        assert int(inv.evals[o.image]) + o.sampling_evals == expected
+        assert int(inv.counter[o.item]) + o.sampling_evals == expected
     assert any(o.flipped for o in outs)
 
 
@@ -167,7 +172,7 @@ def test_bf16_model_runs_on_cpu_and_stays_close_to_fp32(tiny_model):
 
         decoder = load_decoder(mcfg)
         optimize_unet(decoder, mcfg)
-        inv, outs = Editor(decoder, _cfg(), encoder.null_embedding()).edit(images, e, mu_s, mu_t, None, _gens(2))
+        inv, outs = _edit(decoder, encoder, images, e, mu_s, mu_t, _gens(2))
         assert inv.ws.dtype == torch.float64
         pics.append(torch.stack([o.chosen.picture for o in outs]))
     assert decoder.unet.dtype == torch.bfloat16
@@ -178,20 +183,19 @@ def test_bf16_model_runs_on_cpu_and_stays_close_to_fp32(tiny_model):
 def test_lazy_inversion_computes_only_the_steps_sampling_needs_and_equals_the_full_one(parts):
     decoder, encoder = parts
     images, e, _, _ = _inputs(encoder, n=2)
-    editor = Editor(decoder, _cfg(), encoder.null_embedding())
-    w0 = decoder.encode(images)
+    editor = Editor(decoder, encoder.null_embedding(), batch_size=3)
     with torch.inference_mode():
-        lazy = editor.invert(w0, e, _gens(2))
-        assert lazy.evals.tolist() == [0, 0] and lazy.ready.tolist() == [T, T]  # nothing computed up front
-        lazy.ensure(torch.tensor([8]), torch.tensor([1]))  # image 1 from step 8: steps 8, 9 of image 1 only
-        assert lazy.evals.tolist() == [0, 2] and lazy.ready.tolist() == [T, 8]
-        lazy.ensure(torch.tensor([5, 9]), torch.tensor([1, 0]))  # extends image 1 to 5 and starts image 0 at 9
-        assert lazy.evals.tolist() == [1, 5] and lazy.ready.tolist() == [9, 5]
-        lazy.ensure(torch.tensor([7]), torch.tensor([1]))  # already there: no network call
-        assert lazy.evals.tolist() == [1, 5]
-        full = editor.invert(w0, e, _gens(2))
-        full.ensure(torch.tensor([0, 0]), torch.tensor([0, 1]))
-        assert full.evals.tolist() == [T, T]
+        lazy = editor.invert(images, e, _gens(2), T)
+        assert lazy.counter.tolist() == [0, 0] and lazy.ready.tolist() == [T, T]  # nothing computed up front
+        editor.ensure(lazy, torch.tensor([8]), torch.tensor([1]))  # image 1 from step 8: steps 8, 9 of image 1 only
+        assert lazy.counter.tolist() == [0, 2] and lazy.ready.tolist() == [T, 8]
+        editor.ensure(lazy, torch.tensor([5, 9]), torch.tensor([1, 0]))  # extends image 1 to 5, starts image 0 at 9
+        assert lazy.counter.tolist() == [1, 5] and lazy.ready.tolist() == [9, 5]
+        editor.ensure(lazy, torch.tensor([7]), torch.tensor([1]))  # already there: no network call
+        assert lazy.counter.tolist() == [1, 5]
+        full = editor.invert(images, e, _gens(2), T)
+        editor.ensure(full, torch.tensor([0, 0]), torch.tensor([0, 1]))
+        assert full.counter.tolist() == [T, T]
     assert torch.equal(lazy.ws, full.ws)
     # the same maps up to float32 batching (the UNet saw other batch companions); z is N(0, 1)-sized
     torch.testing.assert_close(lazy.zs[9:, 0], full.zs[9:, 0], rtol=0, atol=1e-4)
@@ -205,12 +209,12 @@ def test_searches_through_the_editor_count_the_lazy_inversion(parts, mode):
     images, e, mu_s, mu_t = _inputs(encoder, n=3)
     t_skips = [0.9, 0.8, 0.7, 0.5, 0.3, 0.0]
     oracle = DistanceOracle(images, threshold=0.0)  # every edit 'flips': the mildest t_skip is the answer
-    ed = Editor(decoder, _cfg(search=mode, t_skips=t_skips), encoder.null_embedding(), oracle)
-    inv, outs = ed.edit(images, e, mu_s, mu_t, [1, 1, 1], _gens(3), torch.zeros(3, dtype=torch.long))
+    inv, outs = _edit(decoder, encoder, images, e, mu_s, mu_t, _gens(3), oracle=oracle, search=mode, t_skips=t_skips,
+                      target=[1, 1, 1], pred=torch.zeros(3, dtype=torch.long))
     for o in outs:
         assert o.chosen.t_skip == 0.9 and o.flipped
         depth = max(T - round(a.t_skip * T) for a in o.attempts)
-        assert int(inv.evals[o.image]) + o.sampling_evals == depth + sum(2 * (T - round(a.t_skip * T))
+        assert int(inv.counter[o.item]) + o.sampling_evals == depth + sum(2 * (T - round(a.t_skip * T))
                                                                         for a in o.attempts)
     if mode == SearchMode.first_flip:
         assert all(len(o.attempts) == 1 for o in outs)
@@ -222,17 +226,17 @@ def test_an_image_with_several_targets_is_inverted_once_and_edits_as_if_alone(pa
     g = torch.Generator().manual_seed(5)
     mu_t = torch.randn(3, 32, generator=g) * 0.1  # image 0 goes to two targets, image 1 to one
     source_of = [0, 0, 1]
-    editor = Editor(decoder, _cfg(t_skip=0.5), encoder.null_embedding())
-    shared_inv, shared = editor.edit(images, e[source_of], mu_s[:1].expand(3, -1), mu_t, None, _gens(2), source_of=source_of)
-    dup_inv, dup = editor.edit(images[source_of], e[source_of], mu_s[:1].expand(3, -1), mu_t, None,
-                               [torch.Generator().manual_seed(10 + u) for u in source_of])
+    mu_s3 = mu_s[:1].expand(3, -1)
+    shared_inv, shared = _edit(decoder, encoder, images, e, mu_s3, mu_t, _gens(2), image_of=source_of,
+                               t_skips=(0.5,))
+    dup_inv, dup = _edit(decoder, encoder, images[source_of], e[source_of], mu_s3, mu_t,
+                         [torch.Generator().manual_seed(10 + u) for u in source_of], t_skips=(0.5,))
     depth = T - round(0.5 * T)
     assert shared_inv.counter.tolist() == [depth, depth]  # two inversions, not three
     assert dup_inv.counter.tolist() == [depth, depth, depth]
-    assert shared_inv.evals.tolist() == [depth, depth, depth]  # each item reports its image's inversion
     for a, b in zip(shared, dup):
-        assert a.image == b.image
+        assert a.item == b.item
         assert (a.chosen.picture - b.chosen.picture).abs().max() < 1e-3  # same seeds: the same edit
     assert (shared[0].chosen.picture - shared[1].chosen.picture).abs().max() > 1e-3  # different targets differ
-    with pytest.raises(ValueError, match="source_of"):
-        editor.edit(images, e[source_of], mu_s[:1].expand(3, -1), mu_t, None, _gens(2), source_of=[0, 0, 2])
+    with pytest.raises(ValueError, match="image_of_item"):
+        _edit(decoder, encoder, images, e, mu_s3, mu_t, _gens(2), image_of=[0, 0, 2], t_skips=(0.5,))

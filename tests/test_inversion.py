@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from diffusion.config import ModelConfig
-from diffusion.editing import ddpm_schedule
+from diffusion.inversion import ddpm_schedule
 from diffusion.inversion import (
     cfg_eps, draw_forward_noise, edit_friendly_noise_maps, forward_noise, make_schedule, sample, step_index,
 )
 from diffusion.models import load_decoder, load_image_encoder
-from diffusion.tiny import kandinsky_scheduler
+from diffusion.demo.tiny import kandinsky_scheduler
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""LoRA domain tuning (kandinsky_lora_train.py / diffusion.training) on a tiny random model, on the CPU.
+"""LoRA domain tuning (kandinsky_lora_train.py / diffusion.train.trainer) on a tiny random model, on the CPU.
 
 Behaviour, not calls: the loss falls; a stopped and resumed run equals an uninterrupted one; pruning keeps exactly
 the limit; the adapter loads with plain diffusers and through the editing path, reproducing the trained model; bad
@@ -21,14 +21,16 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from datasets.folder import DatasetLayoutError
-from diffusion.config import ConfigError, LoraTrainConfig, load_config
+from diffusion.config import LoraTrainConfig, load_config
+from diffusion.demo.tiny import make_tiny_model
+from diffusion.errors import CheckpointError, ConfigError, RunInterrupted
 from diffusion.lora import WEIGHTS_NAME, add_lora, load_lora, save_lora
 from diffusion.models import load_decoder
-from diffusion import training
-from diffusion.tiny import make_tiny_model
-from diffusion.training import (
-    BatchOrder, CheckpointError, diffusion_loss, list_checkpoints, train_lora,
-)
+from diffusion.train import checkpoints, trainer
+from diffusion.train.checkpoints import list_checkpoints
+from diffusion.train.data import BatchOrder
+from diffusion.train.objective import diffusion_loss
+from diffusion.train.trainer import train_lora
 
 REPO = Path(__file__).resolve().parent.parent
 # The recipe every resume comparison shares: accumulation and warmup make the optimizer/scheduler state matter.
@@ -212,18 +214,18 @@ def test_bad_input_gives_clear_errors(env, tmp_path, reference):
 def test_full_disk_leaves_no_half_checkpoint_and_loses_nothing(env, tmp_path, monkeypatch, reference):
     _, ref = reference
     out = tmp_path / "run"
-    real_save = training.save_file
+    real_save = checkpoints.save_file
 
     def save_file(tensors, path, *args, **kwargs):
         if "checkpoint-4.tmp" in str(path) and path.endswith("optimizer.safetensors"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         return real_save(tensors, path, *args, **kwargs)
 
-    monkeypatch.setattr(training, "save_file", save_file)
+    monkeypatch.setattr(checkpoints, "save_file", save_file)
     with pytest.raises(CheckpointError, match="No space left on device.*intact \\(checkpoint-2\\)"):
         train_lora(make_cfg(env, out, *RECIPE, "max_train_steps=4"))
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2"]
-    monkeypatch.setattr(training, "save_file", real_save)
+    monkeypatch.setattr(checkpoints, "save_file", real_save)
     train_lora(make_cfg(env, out, *RECIPE, "max_train_steps=4", "resume_from_checkpoint=latest"))
     assert_same_weights(adapter_tensors(out), adapter_tensors(ref.output_dir / "checkpoint-4"))
 
@@ -232,7 +234,7 @@ def test_stop_signal_checkpoints_then_resume_continues(env, tmp_path, monkeypatc
     _, ref = reference
     out = tmp_path / "run"
     calls = {"n": 0}
-    real_loss = training.diffusion_loss
+    real_loss = trainer.diffusion_loss
 
     def loss_then_interrupt(*args, **kwargs):
         calls["n"] += 1
@@ -240,11 +242,12 @@ def test_stop_signal_checkpoints_then_resume_continues(env, tmp_path, monkeypatc
             os.kill(os.getpid(), signal.SIGINT)
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(training, "diffusion_loss", loss_then_interrupt)
-    stopped = train_lora(make_cfg(env, out, *RECIPE, "max_train_steps=4"))
-    assert stopped.stopped_early and stopped.global_step == 1
+    monkeypatch.setattr(trainer, "diffusion_loss", loss_then_interrupt)
+    with pytest.raises(RunInterrupted, match="stopped at step 1 of 4.*checkpoint-1.*final adapter was not written"):
+        train_lora(make_cfg(env, out, *RECIPE, "max_train_steps=4"))
     assert [s for s, _ in list_checkpoints(out)] == [1]
-    monkeypatch.setattr(training, "diffusion_loss", real_loss)
+    assert not (out / WEIGHTS_NAME).exists()  # a partial run never writes the final adapter
+    monkeypatch.setattr(trainer, "diffusion_loss", real_loss)
     train_lora(make_cfg(env, out, *RECIPE, "max_train_steps=4", "resume_from_checkpoint=latest"))
     assert_same_weights(adapter_tensors(out), adapter_tensors(ref.output_dir / "checkpoint-4"))
 

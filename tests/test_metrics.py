@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import diffusion.edit_run as edit_run
+import diffusion.edit.run as edit_run
 from diffusion.config import EditConfig, load_config
 from diffusion.metrics import Lpips, comparison_table, flip_rate, load_run_rows, summarize
-from diffusion.oracle import IMAGENET_MEAN, IMAGENET_STD, Member, MemberInfo, build_cnn, save_member
-from diffusion.results import COLUMNS, read_rows
+from diffusion.oracle.members import IMAGENET_MEAN, IMAGENET_STD, Member, MemberInfo, build_cnn, save_member
+from diffusion.edit.results import COLUMNS, read_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,11 +161,18 @@ def test_first_flip_run_with_an_oracle_folder_writes_flip_rates_and_lpips(tmp_pa
     edit_run.run_edits(cfg)
     rows = read_rows(tmp_path / "run" / "results.csv")
     assert len(rows) == 6
+    tried = [r for r in rows if r["already_target"] == "0"]
     for r in rows:
-        assert r["flipped"] in ("0", "1") and float(r["lpips"]) >= 0 and r["oracle_prob_after"] != ""
-    flips = [r for r in rows if r["flipped"] == "1"]
+        assert r["flipped"] in ("0", "1") and r["oracle_prob_before"] != ""
+        if r["already_target"] == "1":  # the random oracle already calls the original the target: not searched
+            assert r["flipped"] == "0" and r["counterfactual_path"] == "" and r["t_skip"] == ""
+            assert r["oracle_pred_before"] == r["target_class"]
+        else:
+            assert float(r["lpips"]) >= 0 and r["oracle_prob_after"] != ""
+    flips = [r for r in tried if r["flipped"] == "1"]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["flip_rate"] == pytest.approx(len(flips) / len(rows))
+    assert summary["n_already_target"] == len(rows) - len(tried)
+    assert summary["flip_rate"] == (pytest.approx(len(flips) / len(tried)) if tried else None)
     if flips:
         assert summary["lpips_mean"] == pytest.approx(sum(float(r["lpips"]) for r in flips) / len(flips), rel=1e-4)
     else:

@@ -10,7 +10,7 @@ from diffusion.models import (
     ModelLoadError, check_embed_dim, decoder_image_size, load_decoder, load_image_encoder, resolve_dtype,
 )
 from diffusion.config import DType
-from diffusion.tiny import build_tiny_components
+from diffusion.demo.tiny import build_tiny_components
 
 
 def _cfg(path, **kw) -> ModelConfig:

@@ -19,11 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-import diffusion.edit_run as edit_run
+import diffusion.edit.run as edit_run
 from conftest import write_blob_images
 from diffusion.config import EditConfig, load_config
-from diffusion.gallery import embed_json, lesson_and_quiz, lesson_row, render_page, write_views
-from diffusion.views import StripFrame, compose_strip, difference_map, save_flicker_gif
+from diffusion.views.gallery import embed_json, lesson_and_quiz, lesson_row, render_page, write_views
+from diffusion.views.images import StripFrame, compose_strip, difference_map, save_flicker_gif
 
 REPO = Path(__file__).resolve().parent.parent
 FRAME_MS = 250
@@ -209,7 +209,7 @@ def test_make_views_script_remakes_a_run_folder(run, tmp_path):
 
 
 def test_a_run_without_rows_still_gets_both_pages(tmp_path):
-    from diffusion.results import COLUMNS
+    from diffusion.edit.results import COLUMNS
 
     (tmp_path / "results.csv").write_text(",".join(COLUMNS) + "\n")
     views = write_views(tmp_path)

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from datasets.folder import DatasetLayoutError, ImageRecord
 from diffusion.config import DataConfig
 from diffusion.data import make_loader
-from diffusion.models import Decoder, ImageEncoder
+from diffusion.files import atomic_save, relative_path
+from diffusion.models import Decoder, ImageEncoder, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -52,28 +53,6 @@ class Features:
 
     def __len__(self) -> int:
         return len(self.files)
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """A short hash of a module's weights: every tensor's name, shape, dtype and up to 1024 evenly spaced values.
-
-    Cheap even for multi-GB models, and different for any two checkpoints in practice (fine-tuned weights change
-    nearly every value).
-    """
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 1024)][:1024].float().cpu()
-        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:20]
-
-
-def relative_path(path: Path, root: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(Path(path).resolve())
 
 
 def data_fingerprint(records: Sequence[ImageRecord], root: Path) -> List[list]:
@@ -122,11 +101,9 @@ def _read_entry(path: Path) -> Optional[dict]:
 
 def _write_entry(path: Path, values: torch.Tensor, indices: List[int], files: List[str], material: dict) -> None:
     """Write one cache file atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({"values": values.contiguous(), "indices": torch.tensor(indices, dtype=torch.long)}, str(tmp),
-              metadata={"files": json.dumps(files), "key_material": json.dumps(material, sort_keys=True)})
-    os.replace(tmp, path)
+    tensors = {"values": values.contiguous(), "indices": torch.tensor(indices, dtype=torch.long)}
+    meta = {"files": json.dumps(files), "key_material": json.dumps(material, sort_keys=True)}
+    atomic_save(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 @torch.no_grad()

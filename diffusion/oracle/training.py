@@ -23,9 +23,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from datasets.folder import ImageRecord
-from diffusion.config import ClassifierConfig, ConfigError, atomic_write_text
+from diffusion.config import ClassifierConfig
+from diffusion.devices import resolve_device
+from diffusion.errors import ConfigError
+from diffusion.files import atomic_write_text
+from diffusion.runinfo import stamp_run_dir
 from diffusion.data import dataset_classes, make_loader, split_records
-from diffusion.oracle import (
+from diffusion.oracle.members import (
     CLIP_PROBE, IMAGENET_MEAN, IMAGENET_STD, TEST_METRICS, ClipFeatures, ClipMember, ClipProbe, EnsembleOracle,
     Member, MemberInfo, build_cnn, load_clip, load_oracle, save_member,
 )
@@ -245,15 +249,6 @@ def load_image_set(records: List[ImageRecord], cfg: ClassifierConfig, size: int,
     return ImageSet(torch.cat(images), torch.cat(labels))
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda...`` is checked to exist (the error names the key)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device = '{name}' but CUDA is not available here; use device=cpu or auto")
-    return torch.device(name)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Members
 # --------------------------------------------------------------------------------------------------------------------
@@ -350,8 +345,9 @@ def evaluate_oracle(oracle: EnsembleOracle, records: List[ImageRecord], cfg: Cla
 def train_classifiers(cfg: ClassifierConfig) -> Dict[str, object]:
     """Train every member of ``cfg`` into ``cfg.output_dir`` (one checkpoint each), reload the folder as the oracle
     kandinsky_eval.py will use, and write its test accuracy to ``test_metrics.json``; returns those metrics."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, key="device")
     data = oracle_data(cfg)
+    stamp_run_dir(cfg, has_results=lambda folder: any(folder.glob("*.safetensors")))
     counts = data.counts()
     names = list(cfg.architectures) if cfg.kind == "ensemble" else [CLIP_PROBE]
     log.info("oracle %s: classes %s; images per class train %s, val %s, test %s; members %s; image size %s; "

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from torch import nn
 
-from diffusion.config import atomic_write_text
+from diffusion.errors import OracleError, WeightsUnavailableError
+from diffusion.files import atomic_write_bytes, atomic_write_text, make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,6 @@ MEMBER_FORMAT = "diffusion-oracle-member/1"
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")  # refused: loading them can run code
 TEST_METRICS = "test_metrics.json"
 PathLike = Union[str, os.PathLike]
-
-
-class OracleError(RuntimeError):
-    """An oracle folder or its weights cannot be used; the message names the file and what to do."""
-
-
-class WeightsUnavailableError(OracleError):
-    """Pretrained weights (torchvision ImageNet, open_clip) could not be loaded, typically offline."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -260,14 +253,11 @@ def save_member(folder: PathLike, member: Member, info: MemberInfo, dtype: torch
     """Write ``<name>.safetensors`` and ``<name>.json`` into ``folder``, each through a temporary file and an atomic
     rename, replacing an earlier checkpoint of the same architecture. Floating-point weights are stored as ``dtype``
     (float16 halves a shipped oracle; loading casts back to float32). Returns the checkpoint path."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_dirs(folder)
     path = folder / f"{member_name(info)}.safetensors"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().to("cpu").contiguous()
              for k, v in member.weights().items()}
-    tmp.write_bytes(save(state, metadata={"format": MEMBER_FORMAT, "architecture": info.architecture}))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save(state, metadata={"format": MEMBER_FORMAT, "architecture": info.architecture}))
     atomic_write_text(path.with_suffix(".json"), info.to_json())
     return path
 
@@ -327,7 +317,7 @@ def load_member(path: Path, info: MemberInfo, device: Union[str, torch.device] =
 
 
 class EnsembleOracle(nn.Module):
-    """The oracle of a run (satisfies ``diffusion.editing.Oracle``): images (B, 3, H, W) in [0, 1] at any size ->
+    """The oracle of a run (satisfies ``diffusion.edit.editor.Oracle``): images (B, 3, H, W) in [0, 1] at any size ->
     (B, 2) probabilities [1 - p, p] of ``classes``, p = the members' mean sigmoid for classes[1]."""
 
     def __init__(self, members: Sequence[Member], infos: Sequence[MemberInfo]):

@@ -27,9 +27,10 @@ from urllib.parse import quote
 
 from tqdm.auto import tqdm
 
-from diffusion.config import ViewsConfig, atomic_write_text
+from diffusion.config import ViewsConfig
+from diffusion.files import atomic_write_text
 from diffusion.metrics import load_run_rows, summarize
-from diffusion.views import (
+from diffusion.views.images import (
     DIFF_COLORMAP, DIFF_PERCENTILE, load_rgb, save_difference_map, save_flicker_gif, save_strip, strip_frames,
 )
 

@@ -14,11 +14,14 @@ import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence, Set, Tuple
 
+from diffusion.files import atomic_write_text, make_dirs
+
 log = logging.getLogger(__name__)
 
 COLUMNS: Tuple[str, ...] = (
     "source_path", "source_class", "target_class", "search", "t_skip", "eta", "guidance_scale",
-    "oracle_pred_before", "oracle_prob_before", "oracle_prob_after", "flipped", "lpips", "l2", "unet_evals",
+    "oracle_pred_before", "oracle_prob_before", "oracle_prob_after", "flipped", "already_target", "criterion",
+    "judge_pred_before", "judge_prob_before", "judge_prob_after", "judge_flipped", "lpips", "l2", "unet_evals",
     "inversion_evals", "attempts", "seed", "seconds", "original_path", "counterfactual_path", "pair_path",
 )
 
@@ -60,7 +63,7 @@ class ResultsWriter:
     def __init__(self, run_dir: str | Path, rank: int = 0):
         self.run_dir = Path(run_dir)
         self.shard_dir = self.run_dir / "shards"
-        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.shard_dir)
         self.path = self.shard_dir / f"results.{rank}.csv"
         self._repair(self.path)
 
@@ -94,13 +97,12 @@ class ResultsWriter:
 
 
 def _write_csv_atomic(path: Path, rows: Sequence[Dict[str, object]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: fmt(row.get(c)) for c in COLUMNS})
-    os.replace(tmp, path)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: fmt(row.get(c)) for c in COLUMNS})
+    atomic_write_text(path, buf.getvalue())
 
 
 def result_sources(run_dir: str | Path) -> List[Path]:

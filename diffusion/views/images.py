@@ -2,13 +2,12 @@
 from them (a flicker GIF, a difference map, an annotated interpolation strip).
 
 The teaching views read PNGs back from disk and never touch a model, so they can be remade for any finished run
-(``diffusion.gallery.write_views``). Every file is written atomically (a temporary file, then a rename).
+(``diffusion.views.gallery.write_views``). Every file is written atomically (a temporary file, then a rename).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -16,6 +15,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from diffusion.files import atomic_save
 
 # The difference map's colour scale, inferno-like: (position in [0, 1], RGB). The gallery draws its legend from it.
 DIFF_COLORMAP: Tuple[Tuple[float, Tuple[int, int, int]], ...] = (
@@ -32,12 +33,16 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 def save_pil(image: Image.Image, path: str | Path, **save_kwargs) -> Path:
     """Save a PIL image atomically; the format follows the file's extension."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    image.save(tmp, **save_kwargs)
-    os.replace(tmp, path)
-    return path
+    return atomic_save(path, lambda tmp: image.save(tmp, format=_format_of(path), **save_kwargs))
+
+
+def _format_of(path: str | Path) -> str:
+    """PIL's format name for a file name's extension (the temporary file's name must not decide it)."""
+    ext = Path(path).suffix.lower()
+    formats = Image.registered_extensions()
+    if ext not in formats:
+        raise ValueError(f"{path}: no image format for the extension '{ext}'")
+    return formats[ext]
 
 
 def save_image(image: torch.Tensor, path: str | Path) -> Path:

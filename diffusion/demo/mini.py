@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Dict, Tuple
@@ -31,7 +29,8 @@ from tqdm.auto import tqdm
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from diffusion.config import MiniConfig
-from diffusion.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, kandinsky_scheduler
+from diffusion.files import atomic_dir
+from diffusion.demo.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, kandinsky_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +128,9 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> to
 
 
 def _save_atomic(save: Callable[[Path], None], target: Path) -> None:
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    """A stage's folder, written whole or not at all."""
+    with atomic_dir(target) as tmp:
+        save(tmp)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -174,9 +171,9 @@ def train_encoder(cfg: MiniConfig, images: torch.Tensor, labels: torch.Tensor, g
 
 def train_unet(cfg: MiniConfig, latents: torch.Tensor, embeds: torch.Tensor, c0: torch.Tensor,
                gen: torch.Generator) -> Tuple[UNet2DConditionModel, Dict[str, float]]:
-    """The LoRA trainer's epsilon objective (:func:`diffusion.training.diffusion_loss`) on the full UNet, with noisy
+    """The LoRA trainer's epsilon objective (:func:`diffusion.train.objective.diffusion_loss`) on the full UNet, with noisy
     embeddings (embed_noise x ||e||) and null-embedding dropout (null_prob)."""
-    from diffusion.training import diffusion_loss
+    from diffusion.train.objective import diffusion_loss
 
     unet = build_unet(cfg).train()
     scheduler = kandinsky_scheduler()
@@ -227,7 +224,8 @@ def _save_half(model, path: Path, dtype: torch.dtype) -> None:
 
 def train_mini_model(cfg: MiniConfig) -> dict:
     """Train (or resume) the three stages into cfg.output_dir; returns the training report."""
-    from diffusion.models import ImageEncoder, movq_encode, resolve_dtype
+    from diffusion.devices import resolve_dtype
+    from diffusion.models import ImageEncoder, movq_encode
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)

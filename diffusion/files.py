@@ -1,0 +1,193 @@
+"""Reading and writing the project's files, in one place.
+
+Writes are atomic: the content goes to a temporary file (or folder) beside the target, which is renamed over it once
+complete, so a reader, a crash or a full disk never leaves half a file under the real name. When the write fails
+the temporary file is removed and the error is an :class:`~diffusion.errors.OutputError` naming the path.
+
+Reads of files the project wrote earlier go through :func:`read_json` and :func:`load_tensors`: a damaged or foreign
+file is an :class:`~diffusion.errors.ArtefactError` naming the file and what to do, never a library traceback.
+Tensors are only ever read with safetensors (no pickle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, Optional
+
+from diffusion.errors import ArtefactError, OutputError
+
+PathLike = str | os.PathLike
+
+
+def _why(err: OSError) -> str:
+    return err.strerror or str(err) or type(err).__name__
+
+
+def output_error(path: PathLike, err: OSError, action: str = "write") -> OutputError:
+    """The one-line error for a path that cannot be written: what, where, why, and what to do."""
+    return OutputError(f"cannot {action} {path}: {_why(err)}. Check that the folder is writable and the disk has "
+                       "space (or choose another output_dir), then rerun: finished work is kept.")
+
+
+def make_dirs(path: PathLike) -> Path:
+    """``mkdir -p`` with an :class:`OutputError` naming the folder (a file in the way, read-only, disk full)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as err:
+        raise OutputError(f"cannot create folder {path}: a file of that name is in the way. Move it, or choose "
+                          "another output path.") from err
+    except OSError as err:
+        raise output_error(path, err, "create folder") from err
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on failure removed.
+
+    The temporary name keeps the suffix (``.x.tmp123.png``), so libraries that pick a format by extension work.
+    """
+    path = Path(path)
+    make_dirs(path.parent)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as err:
+        _remove(tmp)
+        raise output_error(path, err) from err
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_json(path: PathLike, data: Any, indent: Optional[int] = 2) -> Path:
+    """Write ``data`` as strict JSON (NaN and infinity refused: JSON has none) to ``path`` atomically."""
+    return atomic_write_text(path, json.dumps(data, indent=indent, allow_nan=False))
+
+
+def atomic_save(path: PathLike, save: Callable[[Path], None]) -> Path:
+    """Call ``save(tmp)`` to write a file at a temporary path, then rename it to ``path``."""
+    with atomic_path(path) as tmp:
+        save(tmp)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: PathLike, replace: bool = True) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``path``; on success it takes the place of ``path`` (an existing folder
+    is replaced when ``replace``), on failure it is removed. Files inside are flushed to disk before the rename."""
+    path = Path(path)
+    make_dirs(path.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as err:
+        raise output_error(path, err, "create folder") from err
+    try:
+        yield tmp
+        fsync_files(tmp)
+        if path.exists() and replace:
+            trash = path.with_name(f".{path.name}.replaced-{os.getpid()}")
+            _remove(trash)
+            os.rename(path, trash)
+            os.rename(tmp, path)
+            _remove(trash)
+        else:
+            os.rename(tmp, path)
+    except OSError as err:
+        _remove(tmp)
+        raise output_error(path, err) from err
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def fsync_files(folder: Path) -> None:
+    """Flush the files directly in ``folder`` to disk (a power cut after the rename then keeps them whole)."""
+    for p in folder.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def relative_path(path: PathLike, root: PathLike) -> str:
+    """``path`` relative to ``root`` (both resolved), POSIX-style; the resolved absolute path when outside it."""
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return resolved.as_posix()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Guarded reads
+# ----------------------------------------------------------------------------------------------------------------
+def read_json(path: PathLike, fix: str) -> Any:
+    """The JSON in ``path``; a missing, truncated or non-JSON file is an :class:`ArtefactError` ending in ``fix``
+    (what to do, e.g. "delete it and rerun scripts/save_embeds.py")."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ArtefactError(f"{path} does not exist. {fix}") from err
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        reason = _why(err) if isinstance(err, OSError) else f"not valid JSON ({str(err).splitlines()[0][:120]})"
+        raise ArtefactError(f"{path} cannot be read: {reason}; the file is damaged or not one this project wrote. "
+                            f"{fix}") from err
+
+
+def load_tensors(path: PathLike, fix: str, device: str = "cpu") -> Dict[str, Any]:
+    """Every tensor of a safetensors file; a missing, truncated or foreign file is an :class:`ArtefactError`."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtefactError(f"{path} does not exist. {fix}")
+    try:
+        return load_file(str(path), device=device)
+    except Exception as err:  # SafetensorError (header, truncation), OSError, ValueError: all mean "unusable file"
+        raise ArtefactError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0][:160]}); it is "
+                            f"damaged (an interrupted copy?) or not one this project wrote. {fix}") from err
+
+
+def tensors_metadata(path: PathLike, fix: str) -> Dict[str, str]:
+    """The string metadata of a safetensors file (without reading its tensors); damaged files as :func:`load_tensors`."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtefactError(f"{path} does not exist. {fix}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as err:
+        raise ArtefactError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0][:160]}); it is "
+                            f"damaged or not one this project wrote. {fix}") from err
