@@ -93,6 +93,12 @@ class OracleKind(Mode):
     clip_probe = "clip_probe"  # a linear head on frozen open_clip image features
 
 
+class StudyArm(Mode):
+    counterfactual = "counterfactual"  # each lesson image beside its counterfactual, with the flicker
+    examples = "examples"  # the same number of real images per class, unpaired (the paper's control arm)
+    counterfactual_diff = "counterfactual_diff"  # as counterfactual, with the difference map
+
+
 class Architecture(Mode):
     resnet18 = "resnet18"
     efficientnet_b0 = "efficientnet_b0"
@@ -265,6 +271,29 @@ class LoraRef(Schema):
 
 
 @dataclass
+class StudyConfig(Schema):
+    """study.html: a teaching study (instructions, pre-test, lesson by arm, post-test, results) on the run's images."""
+
+    SECTION: ClassVar[str] = "views.study"
+    enabled: bool = opt(True, "write study.html beside index.html")
+    instructions: str = opt("You will see images of two kinds. First you classify some without help, then you study "
+                            "a short lesson, then you classify new images. Your answers are recorded with a "
+                            "participant id only. Continue only if you agree to take part.",
+                            "the consent / instructions text shown first")
+    pretest_images: int = opt(6, "real images per class in the pre-test (no feedback)", gt=0)
+    lesson_images: int = opt(4, "lesson images per class (counterfactual pairs, or real examples)", gt=0)
+    posttest_images: int = opt(6, "real images per class in the post-test, none seen before", gt=0)
+    arms: List[StudyArm] = opt(help="the study's arms; a participant's arm comes from their id (balanced, "
+                                    "documented rule)",
+                               factory=lambda: [StudyArm.counterfactual, StudyArm.examples])
+    seed: int = opt(0, "the seed of the image split and of every participant's order")
+
+    def check(self) -> None:
+        self.need(len(self.arms) > 0, "arms", "must name at least one arm")
+        self.need(len(set(self.arms)) == len(self.arms), "arms", "has duplicates")
+
+
+@dataclass
 class ViewsConfig(Schema):
     """The teaching views of an editing run (flicker GIFs, interpolation strips, difference maps, the pages)."""
 
@@ -274,6 +303,7 @@ class ViewsConfig(Schema):
                                   factory=lambda: [-1.0, 0.0, 1.0, 1.5, 2.0])
     strip_t_skip: float = opt(0.7, "interpolation strip: the t_skip of every frame", ge=0, le=1)
     gif_frame_ms: int = opt(700, "flicker GIF: milliseconds each frame is shown", gt=0)
+    study: StudyConfig = opt(help="the teaching study page", factory=StudyConfig)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -301,7 +331,9 @@ class EditConfig(Schema):
     RUN_CONTROL_KEYS: ClassVar[FrozenSet[str]] = frozenset(
         {"output_dir", "batch_size", "save_attempts", "data.num_workers", "data.on_bad_file", "model.device",
          "model.channels_last", "model.compile", "model.local_files_only", "compute_missing_embeds", "embeds_dir",
-         "views.enabled", "views.gif_frame_ms", "views.strip_etas", "views.strip_t_skip"})
+         "views.enabled", "views.gif_frame_ms", "views.strip_etas", "views.strip_t_skip", "views.study.enabled",
+         "views.study.instructions", "views.study.pretest_images", "views.study.lesson_images",
+         "views.study.posttest_images", "views.study.arms", "views.study.seed"})
     output_dir: str = opt(MISSING, "run folder: results.csv, summary.json, edits/, index.html, ...")
     seed: int = opt(0, "base of every image's seed (each image's noise depends only on it and the image's path)")
     model: ModelConfig = opt(help="the Kandinsky parts", factory=ModelConfig)
@@ -329,6 +361,13 @@ class EditConfig(Schema):
                           gt=0)
     save_attempts: bool = opt(False, "also save every tried t_skip, not only the chosen edit")
     oracle_dir: Optional[str] = opt(None, "classifier folder (scripts/train_classifiers.py) the search consults")
+    judge_dir: Optional[str] = opt(None, "an independent classifier folder that only evaluates the chosen edits (never "
+                                         "consulted by the search); its flip rate is the one to trust")
+    flip_threshold: Optional[float] = opt(None, "an edit counts once the oracle's probability of the target class "
+                                                "reaches this; null = the argmax is the target (the paper's rule)",
+                                          gt=0, lt=1)
+    flip_agreement: FlipAgreement = opt(FlipAgreement.mean, "mean: the ensemble's probability decides; all: every "
+                                                            "member must meet the criterion too")
     lpips: bool = opt(True, "LPIPS between original and edit (needs torchvision's AlexNet weights once)")
     lora: LoraRef = opt(help="a domain-tuned adapter", factory=LoraRef)
     views: ViewsConfig = opt(help="the teaching views", factory=ViewsConfig)
@@ -641,7 +680,8 @@ def resolve_config_path(config_path: str) -> Path:
         return path.parent / f"{alias}.yaml"
     folder = path.parent if path.parent.is_dir() else CONFIGS_DIR
     existing = sorted(p.name for p in folder.glob("*.yaml")) if folder.is_dir() else []
-    close = difflib.get_close_matches(path.name, existing, n=1, cutoff=0.4)
+    aliases = [f"{a}.yaml" for a, target in CONFIG_ALIASES.items() if f"{target}.yaml" in existing]
+    close = difflib.get_close_matches(path.name, existing + aliases, n=1, cutoff=0.4)
     hint = f" Did you mean {folder / close[0]}?" if close else ""
     listing = f" Configs in {folder}: {', '.join(existing)}." if existing else \
         f" Configs live in {CONFIGS_DIR}/<edit|lora|embeds|classifier|mini>/<dataset>.yaml."

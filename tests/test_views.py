@@ -22,7 +22,9 @@ from PIL import Image
 import diffusion.edit.run as edit_run
 from conftest import write_blob_images
 from diffusion.config import EditConfig, load_config
-from diffusion.views.gallery import embed_json, lesson_and_quiz, lesson_row, render_page, write_views
+from diffusion.views.gallery import write_views
+from diffusion.views.pages import embed_json, render_page
+from diffusion.views.quiz import lesson_and_quiz, lesson_row
 from diffusion.views.images import StripFrame, compose_strip, difference_map, save_flicker_gif
 
 REPO = Path(__file__).resolve().parent.parent
