@@ -88,15 +88,46 @@ class FakeOracle:
         return torch.stack([1 - p, p], dim=1)
 
 
+class AlwaysOracle:
+    """Calls every image the same class."""
+
+    classes = ("class_a", "class_b")
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __call__(self, images):
+        p = torch.zeros(len(images), 2)
+        p[:, self.index] = 1.0
+        return p
+
+
 def test_first_flip_run_reports_flip_rate_over_all_images(tmp_path, tiny_model, blob_data):
     cfg = _cfg(tmp_path, tiny_model, blob_data, search="first_flip", oracle_dir="unused", t_skips="[0.9,0.5,0.0]")
     summary = edit_run.run_edits(cfg, oracle=FakeOracle())
     rows = _rows(cfg.output_dir)
-    flipped = sum(r["flipped"] == "1" for r in rows)
-    assert summary["flip_rate"] == pytest.approx(flipped / len(rows))
-    for r in rows:
+    # an original the fake oracle already calls the target class is not an attempted edit (none here: see below)
+    already = [r for r in rows if r["already_target"] == "1"]
+    tried = [r for r in rows if r["already_target"] == "0"]
+    assert len(tried) + len(already) == 6 and {r["oracle_pred_before"] for r in tried} == {"class_a", "class_b"}
+    flipped = sum(r["flipped"] == "1" for r in tried)
+    assert summary["flip_rate"] == pytest.approx(flipped / len(tried))
+    assert summary["n_already_target"] == len(already)
+    for r in tried:
         assert r["oracle_prob_before"] != "" and r["oracle_prob_after"] != ""
         assert 1 <= int(r["attempts"]) <= 3
+    # one image whose original is already the target: not searched, no edit, never a flip
+    target_b = FakeOracle.classes.index("class_b")
+    forced = edit_run.run_edits(_cfg(tmp_path / "forced", tiny_model, blob_data, search="first_flip",
+                                     oracle_dir="unused", t_skips="[0.9,0.5,0.0]"), oracle=AlwaysOracle(target_b))
+    rows = _rows(tmp_path / "forced" / "run")
+    for r in rows:
+        if r["target_class"] == "class_b":
+            assert r["already_target"] == "1" and r["attempts"] == "0" and r["counterfactual_path"] == ""
+            assert r["flipped"] == "0" and r["t_skip"] == ""
+        else:
+            assert r["already_target"] == "0" and r["flipped"] == "0"  # never reaches class_a
+    assert forced["n_already_target"] == 3 and forced["flip_rate"] == 0.0
 
 
 @pytest.mark.slow

@@ -75,8 +75,14 @@ class ResultsWriter:
             _write_csv_atomic(path, rows)
 
     def done_keys(self) -> Set[Tuple[str, ...]]:
-        keys = {row_key(r) for r in read_rows(self.run_dir / "results.csv")}
-        for shard in sorted(self.shard_dir.glob("results.*.csv")):
+        return self.existing_keys(self.run_dir)
+
+    @staticmethod
+    def existing_keys(run_dir: str | Path) -> Set[Tuple[str, ...]]:
+        """The keys of every row already in results.csv or a shard of ``run_dir`` (read-only)."""
+        run_dir = Path(run_dir)
+        keys = {row_key(r) for r in read_rows(run_dir / "results.csv")}
+        for shard in sorted((run_dir / "shards").glob("results.*.csv")):
             keys |= {row_key(r) for r in read_rows(shard)}
         return keys
 

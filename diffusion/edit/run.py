@@ -107,8 +107,8 @@ def run_edits(cfg: EditConfig, oracle: Optional[Oracle] = None) -> Optional[Dict
     classes = dataset_classes(cfg.data)
     items = plan_items(cfg, classes)  # lists and checks the data before any model loads
     out = Path(cfg.output_dir)
-    if state.is_main_process:
-        stamp_run_dir(cfg)
+    if state.is_main_process:  # a folder with no result yet (a run that failed early) accepts a corrected config
+        stamp_run_dir(cfg, has_results=lambda folder: bool(ResultsWriter.existing_keys(folder)))
     state.wait_for_everyone()
     writer = ResultsWriter(out, rank=state.process_index)
     done = writer.done_keys()
