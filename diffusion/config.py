@@ -150,7 +150,33 @@ class Schema:
     def check(self) -> None:
         """Rules between fields that bounds alone cannot express (overridden by the schemas)."""
 
+    def _coerce_modes(self) -> None:
+        """Strings given for enum fields (Python callers: ``EditConfig(search="fixed")``) become the enum members;
+        an unknown one is a ConfigError listing the choices."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            tp, value = hints[f.name], getattr(self, f.name)
+            inner = typing.get_args(tp)[0] if typing.get_origin(tp) in (list, List) and typing.get_args(tp) else None
+            target = inner if inner is not None else next(
+                (a for a in (typing.get_args(tp) or (tp,)) if isinstance(a, type) and issubclass(a, enum.Enum)), None)
+            if not (isinstance(target, type) and issubclass(target, enum.Enum)):
+                continue
+
+            def member(v: Any) -> Any:
+                if v is None or isinstance(v, target):
+                    return v
+                try:
+                    return target(v)
+                except ValueError:
+                    raise ConfigError(f"'{self.key(f.name)}' = {v!r} is not one of "
+                                      f"{', '.join(m.value for m in target)}", key=self.key(f.name)) from None
+
+            fixed = [member(v) for v in value] if inner is not None and isinstance(value, list) else member(value)
+            if fixed != value or type(fixed) is not type(value):
+                object.__setattr__(self, f.name, fixed)
+
     def _validate(self) -> None:
+        self._coerce_modes()
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
             if isinstance(value, str) and value == MISSING:
