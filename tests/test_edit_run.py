@@ -208,3 +208,34 @@ def test_three_classes_an_image_with_two_targets_is_inverted_once(tmp_path, tiny
     for r in rows:
         by_image.setdefault(r["source_path"], set()).add(r["counterfactual_path"])
     assert all(len(paths) == 2 for paths in by_image.values())  # one edit per target, in separate folders
+
+
+class CountingJudge(AlwaysOracle):
+    """A judge that calls everything class_b and counts how often it is asked."""
+
+    def __init__(self):
+        super().__init__(1)
+        self.calls = 0
+
+    def __call__(self, images):
+        self.calls += 1
+        return super().__call__(images)
+
+
+def test_the_judge_only_evaluates_and_fills_its_columns(tmp_path, tiny_model, blob_data):
+    kw = dict(search="first_flip", oracle_dir="unused", t_skips="[0.9,0.5,0.0]", **{"views.enabled": "false"})
+    edit_run.run_edits(_cfg(tmp_path / "alone", tiny_model, blob_data, **kw), oracle=FakeOracle())
+    judge = CountingJudge()
+    edit_run.run_edits(_cfg(tmp_path / "judged", tiny_model, blob_data, **kw), oracle=FakeOracle(), judge=judge)
+    alone, judged = _rows(tmp_path / "alone" / "run"), _rows(tmp_path / "judged" / "run")
+    # the search never consults the judge: the same t_skips, attempts and oracle verdicts
+    for a, b in zip(alone, judged):
+        assert (a["t_skip"], a["attempts"], a["flipped"]) == (b["t_skip"], b["attempts"], b["flipped"])
+        assert a["judge_flipped"] == "" and a["judge_prob_after"] == ""
+    for r in judged:
+        assert r["judge_pred_before"] == "class_b" and float(r["judge_prob_before"]) == float(r["target_class"] == "class_b")
+        if r["already_target"] == "1":
+            assert r["judge_flipped"] == "0"
+        else:
+            assert r["judge_flipped"] == ("1" if r["target_class"] == "class_b" else "0")
+    assert judge.calls == 2 * 3  # per batch of 2 images: the originals once, the chosen edits once

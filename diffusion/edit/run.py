@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import zlib
 from dataclasses import dataclass
@@ -90,16 +91,59 @@ def expected_keys(cfg: EditConfig, item: EditItem) -> List[tuple]:
                      "search": search}) for eta in cfg.eta for t in t_skips]
 
 
-def load_oracle(cfg: EditConfig, device: torch.device) -> Optional[Oracle]:
-    if cfg.oracle_dir is None:
+@dataclass
+class Classifiers:
+    """The run's two classifiers: the oracle the search consults, and the judge that only evaluates (either None)."""
+
+    oracle: Optional[Oracle] = None
+    judge: Optional[Oracle] = None
+
+
+def _load_classifier(folder: Optional[str], key: str, classes: List[str], device: torch.device) -> Optional[Oracle]:
+    if folder is None:
         return None
     from diffusion.oracle.members import load_oracle as _load
 
-    return _load(cfg.oracle_dir, device=device)
+    classifier = _load(folder, device=device)
+    _check_classes(classifier, key, folder, classes)
+    summary = getattr(classifier, "accuracy_summary", None)
+    log.info("%s %s: %s", key.replace("_dir", ""), folder, summary() if callable(summary) else "(no accuracy record)")
+    return classifier
 
 
-def run_edits(cfg: EditConfig, oracle: Optional[Oracle] = None) -> Optional[Dict[str, object]]:
-    """The whole editing run; returns the summary on the main process (None on the others)."""
+def _check_classes(classifier: Oracle, key: str, folder: Optional[str], classes: List[str]) -> None:
+    missing = [c for c in classes if c not in [str(k) for k in classifier.classes]]
+    if missing:
+        raise ConfigError(f"{key} {folder}: it knows the classes {list(classifier.classes)}, not {missing}; train one "
+                          f"on this dataset's classes (scripts/train_classifiers.py), or edit only classes it knows "
+                          "(data.classes / directions)", key=key)
+
+
+def load_classifiers(cfg: EditConfig, classes: List[str], device: torch.device,
+                     given: Optional[Classifiers] = None) -> Classifiers:
+    """The oracle and the judge of a run (``given`` ones, e.g. from a test, win), checked to know the run's classes;
+    a judge that is not independent of the oracle gets a warning saying why."""
+    given = given or Classifiers()
+    oracle = given.oracle or _load_classifier(cfg.oracle_dir, "oracle_dir", classes, device)
+    judge = given.judge or _load_classifier(cfg.judge_dir, "judge_dir", classes, device)
+    for name, c in (("oracle_dir", given.oracle), ("judge_dir", given.judge)):
+        if c is not None:
+            _check_classes(c, name, "(given)", classes)
+    if cfg.oracle_dir and cfg.judge_dir:
+        from diffusion.oracle.members import independence_warnings
+
+        for warning in independence_warnings(cfg.oracle_dir, cfg.judge_dir):
+            log.warning("judge_dir is not independent of oracle_dir: %s", warning)
+    if judge is None and oracle is not None:
+        log.warning("no judge_dir: the flip rate will be judged by the oracle that chose the edits (optimistic by "
+                    "construction); set judge_dir to an independent classifier folder")
+    return Classifiers(oracle, judge)
+
+
+def run_edits(cfg: EditConfig, oracle: Optional[Oracle] = None,
+              judge: Optional[Oracle] = None) -> Optional[Dict[str, object]]:
+    """The whole editing run; returns the summary on the main process (None on the others). ``oracle`` / ``judge``:
+    classifiers to use instead of loading ``oracle_dir`` / ``judge_dir`` (tests, notebooks)."""
     from accelerate import PartialState
 
     # cpu=True lets torchrun/accelerate start several CPU processes (gloo) on a machine without CUDA
@@ -117,7 +161,7 @@ def run_edits(cfg: EditConfig, oracle: Optional[Oracle] = None) -> Optional[Dict
              len(pending))
     with state.split_between_processes(pending) as mine:
         if mine:
-            _edit_items(cfg, list(mine), classes, writer, done, state, oracle)
+            _edit_items(cfg, list(mine), classes, writer, done, state, Classifiers(oracle, judge))
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
@@ -142,19 +186,13 @@ def _load_pipeline(cfg: EditConfig, device: torch.device, classes: List[str]) ->
 
 
 def _edit_items(cfg: EditConfig, items: List[EditItem], classes: List[str], writer: ResultsWriter, done: set,
-                state, oracle: Optional[Oracle]) -> None:
+                state, given: Classifiers) -> None:
     device = _device(cfg, state)
-    # the small, most failure-prone parts first, so an unusable oracle or LPIPS stops the run in seconds
-    oracle = oracle if oracle is not None else load_oracle(cfg, device)
-    if oracle is not None:
-        missing = [c for c in classes if c not in oracle.classes]
-        if missing:
-            raise ConfigError(f"oracle_dir {cfg.oracle_dir}: the oracle knows classes {list(oracle.classes)}, "
-                              f"not {missing}; train it on this dataset (scripts/train_classifiers.py)",
-                              key="oracle_dir")
+    # the small, most failure-prone parts first, so an unusable oracle, judge or LPIPS stops the run in seconds
+    involved = [c for c in classes if any(c in pair for pair in resolve_directions(cfg, classes))]
+    clf = load_classifiers(cfg, involved, device, given)
     lpips = Lpips(device) if cfg.lpips else None
     pipe = _load_pipeline(cfg, device, classes)
-    involved = [c for c in classes if any(c in pair for pair in resolve_directions(cfg, classes))]
     means = load_class_means(cfg.embeds_dir, involved, pipe.encoder.embed_dim, cfg.class_mean_images)
     log.info("edit: %d items, T=%d, guidance %g, eta %s, search %s, t_skips %s, batch %d, device %s, dtype %s",
              len(items), cfg.num_inference_steps, cfg.guidance_scale, list(cfg.eta), cfg.search.value,
@@ -175,7 +213,7 @@ def _edit_items(cfg: EditConfig, items: List[EditItem], classes: List[str], writ
             for it in by_path[path]:
                 batch_items.append(it)
                 image_of_item.append(k)
-        rows = _edit_batch(cfg, pipe, means, oracle, lpips, batch_items, batch["pixel_values"], image_of_item, done)
+        rows = _edit_batch(cfg, pipe, means, clf, lpips, batch_items, batch["pixel_values"], image_of_item, done)
         seconds = (time.perf_counter() - start) / max(1, len(batch_items))
         for row in rows:
             row["seconds"] = seconds / sum(1 for r in rows if r["source_path"] == row["source_path"])
@@ -184,7 +222,7 @@ def _edit_items(cfg: EditConfig, items: List[EditItem], classes: List[str], writ
     bar.close()
 
 
-def _edit_batch(cfg: EditConfig, pipe: DIFFusionPipeline, means: Dict[str, torch.Tensor], oracle, lpips,
+def _edit_batch(cfg: EditConfig, pipe: DIFFusionPipeline, means: Dict[str, torch.Tensor], clf: Classifiers, lpips,
                 items: List[EditItem], sources: torch.Tensor, image_of_item: List[int],
                 done: set) -> List[Dict[str, object]]:
     """Edit the items of one loader batch: ``sources`` (U, 3, H, W) the distinct images, ``image_of_item`` the image
@@ -199,16 +237,17 @@ def _edit_batch(cfg: EditConfig, pipe: DIFFusionPipeline, means: Dict[str, torch
     t_skips = [cfg.t_skip] if cfg.search == SearchMode.fixed else list(cfg.t_skips)
     result = pipe(inv, directions, eta=list(cfg.eta), t_skip=t_skips, guidance_scale=cfg.guidance_scale,
                   search=cfg.search if cfg.search in (SearchMode.first_flip, SearchMode.bisect) else None,
-                  oracle=oracle, image_index=image_of_item)
+                  oracle=clf.oracle, judge=clf.judge, flip_threshold=cfg.flip_threshold,
+                  flip_agreement=cfg.flip_agreement, image_index=image_of_item)
     for it, u in zip(items, image_of_item):
         save_image(sources[u], out / it.out_dir / "original.png")
     if cfg.views.enabled:
-        _save_strips(cfg, pipe, inv, items, directions, image_of_item, oracle)
-    return _rows(cfg, result, items, sources, seeds, oracle, lpips, done)
+        _save_strips(cfg, pipe, inv, items, directions, image_of_item, clf.oracle)
+    return _rows(cfg, result, items, sources, seeds, clf, lpips, done)
 
 
 def _rows(cfg: EditConfig, result: DIFFusionOutput, items: List[EditItem], sources: torch.Tensor,
-          seeds: List[int], oracle, lpips, done: set) -> List[Dict[str, object]]:
+          seeds: List[int], clf: Classifiers, lpips, done: set) -> List[Dict[str, object]]:
     """One results row per chosen edit (per t_skip too for sweep), and its files. An item whose original the oracle
     already assigns to the target class gets a row (already_target = 1) but no edit."""
     out = Path(cfg.output_dir)
@@ -233,18 +272,24 @@ def _rows(cfg: EditConfig, result: DIFFusionOutput, items: List[EditItem], sourc
         row: Dict[str, object] = {
             "source_path": it.rel_path, "source_class": it.record.class_name, "target_class": it.target,
             "search": cfg.search.value, "t_skip": e.t_skip, "eta": e.eta, "guidance_scale": cfg.guidance_scale,
-            "flipped": e.flipped, "already_target": e.already_target if oracle is not None else None,
+            "flipped": e.flipped, "already_target": e.already_target if clf.oracle is not None else None,
             "criterion": e.criterion, "l2": l2.get(n), "lpips": dist.get(n), "unet_evals": e.unet_evals,
             "inversion_evals": e.inversion_evals, "attempts": e.attempts, "seed": seeds[k],
             "original_path": f"{it.out_dir}/original.png",
         }
         if row_key(row) in done:
             continue
-        if oracle is not None:
+        if clf.oracle is not None:
             before = e.probs_before or {}
-            row.update(oracle_pred_before=max(before, key=before.get) if before else None,
-                       oracle_prob_before=before.get(it.target),
+            row.update(oracle_pred_before=_argmax(before), oracle_prob_before=before.get(it.target),
                        oracle_prob_after=e.probs[it.target] if e.probs is not None else None)
+        if clf.judge is not None:
+            before, after = e.judge_probs_before or {}, e.judge_probs
+            row.update(judge_pred_before=_argmax(before), judge_prob_before=before.get(it.target),
+                       judge_prob_after=after[it.target] if after is not None else None,
+                       # the judge's own verdict (its argmax); an already-target row is never a flip
+                       judge_flipped=bool(after is not None and not e.already_target and _argmax(after) == it.target
+                                          and all(map(math.isfinite, after.values()))))
         if e.picture is not None:
             row.update(counterfactual_path=f"{it.out_dir}/cf_{suffix}.png", pair_path=f"{it.out_dir}/pair_{suffix}.png")
             save_image(e.picture, out / str(row["counterfactual_path"]))
@@ -254,6 +299,12 @@ def _rows(cfg: EditConfig, result: DIFFusionOutput, items: List[EditItem], sourc
                 save_image(att["picture"], out / it.out_dir / "attempts" / f"eta{att['eta']:g}_t{att['t_skip']:g}.png")
         rows.append(row)
     return rows
+
+
+def _argmax(probs: Dict[str, float]) -> Optional[str]:
+    """The class with the highest finite probability (None when there is none: a NaN edit has no prediction)."""
+    finite = {k: v for k, v in probs.items() if math.isfinite(v)}
+    return max(finite, key=finite.get) if finite else None
 
 
 def _save_strips(cfg: EditConfig, pipe: DIFFusionPipeline, inv, items: List[EditItem],
@@ -285,7 +336,8 @@ def finish_run(cfg: EditConfig) -> Dict[str, object]:
         "num_inference_steps": cfg.num_inference_steps, "inversion": cfg.inversion.value,
         "t_skips": list(cfg.t_skips) if cfg.search != SearchMode.fixed else [cfg.t_skip],
         "decoder": cfg.model.decoder, "prior": cfg.model.prior, "lora": cfg.lora.path, "lora_step": cfg.lora.step,
-        "oracle_dir": cfg.oracle_dir,
+        "oracle_dir": cfg.oracle_dir, "judge_dir": cfg.judge_dir, "flip_threshold": cfg.flip_threshold,
+        "flip_agreement": cfg.flip_agreement.value,
     }
     try:
         classes = dataset_classes(cfg.data)

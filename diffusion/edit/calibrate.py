@@ -1,0 +1,193 @@
+"""Choosing eta, guidance and flip_threshold on validation images (scripts/calibrate.py), never on the test set.
+
+Validation images are a seeded share of each class's TRAIN split; they are left out of the class means used here, and
+edited like a run would edit them. Every (eta, guidance) is run once as a sweep over the t_skips (one shared inversion
+per image); each flip_threshold then picks, per image, the mildest t_skip whose edit meets the oracle's criterion,
+which is exactly what ``search: first_flip`` would choose. The judge (an independent classifier) scores the chosen
+edits. The rule that picks a setting is stated in :func:`choose` and printed with the table.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from diffusion.config import EditConfig
+from diffusion.data import make_loader, split_records
+from diffusion.embeddings import class_mean, load_class_embeds
+from diffusion.errors import ConfigError
+from diffusion.files import relative_path
+from diffusion.metrics import pixel_l2
+from diffusion.pipeline import ClassDirection, DIFFusionPipeline
+from diffusion.stats import as_list, wilson_interval
+
+log = logging.getLogger(__name__)
+
+CLOSER_SHARE = 0.9  # the rule: at least this share of judged flips must be closer to the source than its nearest real
+#                     image of the target class (else showing that real image would teach as much)
+
+
+@dataclass
+class Setting:
+    eta: float
+    guidance_scale: float
+    flip_threshold: Optional[float]
+
+
+@dataclass
+class SettingResult:
+    setting: Setting
+    n: int = 0  # attempted edits (already-target images left out)
+    oracle_flips: int = 0
+    judge_flips: int = 0
+    closer: int = 0  # judged flips closer to their source than the source is to its nearest real target image
+    l2: List[float] = field(default_factory=list)  # pixel L2 of the judged flips
+    per_direction: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # direction -> (judge flips, n)
+
+    @property
+    def judge_flip_rate(self) -> Optional[float]:
+        return self.judge_flips / self.n if self.n else None
+
+    @property
+    def closer_share(self) -> Optional[float]:
+        return self.closer / self.judge_flips if self.judge_flips else None
+
+    def row(self) -> dict:
+        s = self.setting
+        return {
+            "eta": s.eta, "guidance_scale": s.guidance_scale, "flip_threshold": s.flip_threshold, "n": self.n,
+            "oracle_flip_rate": self.oracle_flips / self.n if self.n else None,
+            "judge_flip_rate": self.judge_flip_rate,
+            "judge_flip_rate_ci": as_list(wilson_interval(self.judge_flips, self.n)),
+            "judged_flips_closer_than_nearest_target": self.closer_share,
+            "l2_mean_judged_flips": sum(self.l2) / len(self.l2) if self.l2 else None,
+            "worst_direction_judge_flip_rate": min((f / n for f, n in self.per_direction.values() if n), default=None),
+        }
+
+
+def choose(results: Sequence[SettingResult]) -> Optional[SettingResult]:
+    """The stated rule: among settings where at least CLOSER_SHARE of the judged flips are closer to their source
+    than the source's nearest real image of the target class, the highest judge flip rate of the worst direction,
+    then the highest overall judge flip rate, then the smallest mean L2 of the judged flips. None when no setting
+    meets the closeness condition."""
+    ok = [r for r in results if r.closer_share is not None and r.closer_share >= CLOSER_SHARE]
+    if not ok:
+        return None
+
+    def key(r: SettingResult):
+        row = r.row()
+        return (-(row["worst_direction_judge_flip_rate"] or 0.0), -(r.judge_flip_rate or 0.0),
+                row["l2_mean_judged_flips"] or 0.0)
+
+    return min(ok, key=key)
+
+
+def validation_split(cfg: EditConfig, classes: Sequence[str], per_class: int, seed: int) -> Tuple[dict, dict]:
+    """({class: validation records}, {class: the other train records}): a seeded share of each class's train split."""
+    val, rest = {}, {}
+    for c in classes:
+        records = split_records(cfg.data, cfg.data.train_split, [c])
+        if len(records) < per_class + 2:
+            raise ConfigError(f"class '{c}' has {len(records)} train images: too few to hold out {per_class} for "
+                              "validation (lower --images)")
+        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+        val[c] = [records[i] for i in sorted(order[:per_class])]
+        rest[c] = [records[i] for i in sorted(order[per_class:])]
+    return val, rest
+
+
+def _images(cfg: EditConfig, records, size: int) -> torch.Tensor:
+    return torch.cat([b["pixel_values"] for b in make_loader(records, cfg.data, size, 64) if b is not None])
+
+
+def calibrate(cfg: EditConfig, pipe: DIFFusionPipeline, oracle, judge, pairs: Sequence[Tuple[str, str]],
+              settings: Sequence[Setting], t_skips: Sequence[float], per_class: int,
+              seed: int = 0) -> List[SettingResult]:
+    """Edit ``per_class`` validation images of each class of ``pairs`` (both ways) at every setting; returns one
+    result per setting, in the order given."""
+    classes = sorted({c for pair in pairs for c in pair})
+    val, rest = validation_split(cfg, classes, per_class, seed)
+    means = {}
+    for c in classes:  # class means without the validation images
+        embeds, meta = load_class_embeds(cfg.embeds_dir, c, pipe.encoder.embed_dim)
+        held_out = {relative_path(r.path, cfg.data.root) for r in val[c]}
+        keep = [i for i, f in enumerate(meta["files"]) if f not in held_out]
+        means[c] = class_mean(embeds[keep], cfg.class_mean_images)
+    train_images = {c: _images(cfg, rest[c], pipe.image_size) for c in classes}
+    results = {i: SettingResult(s) for i, s in enumerate(settings)}
+    by_eg: Dict[Tuple[float, float], List[int]] = {}
+    for i, s in enumerate(settings):
+        by_eg.setdefault((s.eta, s.guidance_scale), []).append(i)
+    order = sorted(t_skips, reverse=True)
+    for src, tgt in [(a, b) for a, b in pairs] + [(b, a) for a, b in pairs]:
+        x = _images(cfg, val[src], pipe.image_size)
+        nearest = torch.cdist(x.flatten(1), train_images[tgt].flatten(1)).min(1).values / x[0].numel() ** 0.5
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + k) for k in range(len(x))]
+        inv = pipe.invert(x, cfg.num_inference_steps, gens, cfg.inversion, cfg.inversion_guidance)
+        direction = ClassDirection(means[src], means[tgt], src, tgt)
+        name = f"{src}->{tgt}"
+        for (eta, g), indices in by_eg.items():
+            out = pipe(inv, direction, eta=eta, t_skip=order, guidance_scale=g, oracle=oracle, judge=judge,
+                       output_type="pt")
+            grid: Dict[int, Dict[float, object]] = {}
+            for e in out.edits:
+                grid.setdefault(e.image, {})[e.t_skip] = e
+            for i in indices:
+                thr = settings[i].flip_threshold
+                r = results[i]
+                flips_here = n_here = 0
+                for u, edits in grid.items():
+                    first = edits[order[0]]
+                    if first.probs_before is not None and max(first.probs_before, key=first.probs_before.get) == tgt:
+                        continue  # already the target: not an attempted edit
+                    n_here += 1
+                    chosen = next((edits[t] for t in order if _meets(edits[t].probs, tgt, thr)), None)
+                    if chosen is None:
+                        continue
+                    r.oracle_flips += 1
+                    if max(chosen.judge_probs, key=chosen.judge_probs.get) == tgt:
+                        flips_here += 1
+                        dist = float(pixel_l2(x[u:u + 1], chosen.picture[None])[0])
+                        r.l2.append(dist)
+                        r.closer += int(dist < float(nearest[u]))
+                r.n += n_here
+                r.judge_flips += flips_here
+                f, n = r.per_direction.get(name, (0, 0))
+                r.per_direction[name] = (f + flips_here, n + n_here)
+        log.info("calibration: %s done (%d images)", name, len(x))
+    return [results[i] for i in range(len(settings))]
+
+
+def _meets(probs: Dict[str, float], target: str, threshold: Optional[float]) -> bool:
+    if threshold is None:
+        return max(probs, key=probs.get) == target
+    return probs[target] >= threshold
+
+
+def table(results: Sequence[SettingResult], chosen: Optional[SettingResult]) -> str:
+    """A markdown table of every setting, the chosen one marked."""
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = ["| eta | guidance | flip_threshold | n | oracle flip rate | judge flip rate (95% CI) | worst direction "
+             "(judge) | judged flips closer than nearest real target | L2 of judged flips | chosen |",
+             "| ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
+    for r in results:
+        row = r.row()
+        ci = row["judge_flip_rate_ci"]
+        lines.append(
+            f"| {row['eta']:g} | {row['guidance_scale']:g} | {'argmax' if row['flip_threshold'] is None else row['flip_threshold']} "
+            f"| {row['n']} | {fmt(row['oracle_flip_rate'])} | {fmt(row['judge_flip_rate'])}"
+            f"{f' ({ci[0]:.2f}-{ci[1]:.2f})' if ci else ''} | {fmt(row['worst_direction_judge_flip_rate'])} "
+            f"| {fmt(row['judged_flips_closer_than_nearest_target'])} | {fmt(row['l2_mean_judged_flips'])} "
+            f"| {'**yes**' if r is chosen else ''} |")
+    return "\n".join(lines)
+
+
+def snippet(chosen: SettingResult, pairs: Sequence[Tuple[str, str]], per_class: int) -> str:
+    s = chosen.setting
+    thr = "null" if s.flip_threshold is None else f"{s.flip_threshold:g}"
+    return (f"# chosen by scripts/calibrate.py on {per_class} validation images per class (train split) of "
+            f"{', '.join('/'.join(p) for p in pairs)}\n"
+            f"eta: [{s.eta:g}]\nguidance_scale: {s.guidance_scale:g}\nflip_threshold: {thr}\n")

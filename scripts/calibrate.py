@@ -1,0 +1,103 @@
+"""Choose eta, guidance_scale and flip_threshold on validation images of the TRAIN split (never the test set).
+
+    python scripts/calibrate.py --config_path configs/edit/demo.yaml --pairs 3,8 4,9 1,7 0,6 \\
+        --etas 0.75 1 1.5 --guidance 1 2 4 --thresholds argmax 0.8 --images 8 [--output snippet.yaml] [key=value ...]
+
+Every setting is run on --images held-out train images per class, both ways of every pair; the oracle (oracle_dir)
+picks each image's t_skip as `search: first_flip` would, and the independent judge (judge_dir) scores the result.
+Printed: every setting's oracle and judge flip rates (with a 95% Wilson interval), the share of judged flips closer
+to their source than the source is to its nearest real train image of the target class, and their pixel L2. The rule
+(diffusion/edit/calibrate.py: choose): among settings whose judged flips are closer than the nearest real target for
+at least 90% of them, the highest judge flip rate of the worst direction, then overall, then the smallest L2. The
+chosen values are printed (and written to --output) as a config snippet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from diffusion.cli import guarded, setup_logging
+from diffusion.config import EditConfig, load_config
+from diffusion.errors import ConfigError
+
+
+def _pair(text: str):
+    parts = text.split(",")
+    if len(parts) != 2 or not all(parts):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a class pair like 3,8")
+    return parts[0], parts[1]
+
+
+def _threshold(text: str):
+    if text == "argmax":
+        return None
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"flip_threshold {text} must lie strictly between 0 and 1 (or be argmax)")
+    return value
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config_path", required=True)
+    parser.add_argument("--pairs", type=_pair, nargs="+", help="class pairs a,b (both directions are edited); "
+                                                              "default: the config's two classes")
+    parser.add_argument("--images", type=int, default=8, help="validation images per class (held out of the means)")
+    parser.add_argument("--etas", type=float, nargs="+", default=[0.75, 1.0, 1.5])
+    parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    parser.add_argument("--thresholds", type=_threshold, nargs="+", default=[None, 0.8],
+                        help="flip_threshold values; 'argmax' is the paper's rule")
+    parser.add_argument("--t_skips", type=float, nargs="+", help="default: the config's t_skips")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", help="also write the chosen config snippet here")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    setup_logging()
+
+    def work() -> None:
+        from diffusion.devices import resolve_device
+        from diffusion.edit.calibrate import Setting, calibrate, choose, snippet, table
+        from diffusion.edit.run import load_classifiers
+        from diffusion.files import atomic_write_text
+        from diffusion.pipeline import DIFFusionPipeline
+        from diffusion.precompute import compute_missing_class_embeddings
+
+        cfg = load_config(EditConfig, args.config_path, args.overrides)
+        if args.images < 1:
+            raise ConfigError("--images must be at least 1")
+        if cfg.oracle_dir is None or cfg.judge_dir is None:
+            raise ConfigError("calibration needs both oracle_dir (it picks t_skip) and judge_dir (it scores the "
+                              "edits): set them in the config or as overrides")
+        pairs = args.pairs or ([tuple(cfg.data.classes)] if len(cfg.data.classes) == 2 else None)
+        if not pairs:
+            raise ConfigError("name the class pairs with --pairs a,b [c,d ...] (the config does not list two classes)")
+        classes = sorted({c for p in pairs for c in p})
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, classes=classes, num_samples=None))
+        clf = load_classifiers(cfg, classes, resolve_device(cfg.model.device))
+        pipe = DIFFusionPipeline.from_config(cfg.model, batch_size=cfg.batch_size)
+        if cfg.compute_missing_embeds:
+            compute_missing_class_embeddings(cfg, pipe.encoder)
+        settings = [Setting(e, g, t) for e in args.etas for g in args.guidance for t in args.thresholds]
+        results = calibrate(cfg, pipe, clf.oracle, clf.judge, pairs, settings, args.t_skips or cfg.t_skips,
+                            args.images, args.seed)
+        chosen = choose(results)
+        print(table(results, chosen))
+        print(f"\nrule: among settings whose judged flips are closer to their source than its nearest real image of "
+              f"the target class for >= 90% of them, the highest worst-direction judge flip rate, then overall, "
+              f"then the smallest L2 ({args.images} validation images per class from {cfg.data.train_split}).")
+        if chosen is None:
+            print("no setting meets the closeness condition: try smaller etas or guidance")
+            return
+        text = snippet(chosen, pairs, args.images)
+        print("\n" + text, end="")
+        if args.output:
+            atomic_write_text(args.output, text)
+            print(f"(written to {args.output})")
+
+    return guarded(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
