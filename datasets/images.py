@@ -46,7 +46,8 @@ class BadImageError(ValueError):
         """The error for ``path``, with ``reason`` (what was wrong) and the ways out."""
         return cls(
             f"Cannot read image {path}: {reason}. Replace the file (re-download or re-export it) or delete it; "
-            f"to leave bad files out with a warning instead of stopping, use on_bad_file='skip'.",
+            f"to leave bad files out with a warning instead of stopping, set on_bad_file to skip (in a run's config: "
+            f"data.on_bad_file=skip; a rerun then resumes).",
             path,
         )
 

@@ -708,6 +708,8 @@ def resolve_config_path(config_path: str) -> Path:
     existing = sorted(p.name for p in folder.glob("*.yaml")) if folder.is_dir() else []
     aliases = [f"{a}.yaml" for a, target in CONFIG_ALIASES.items() if f"{target}.yaml" in existing]
     close = difflib.get_close_matches(path.name, existing + aliases, n=1, cutoff=0.4)
+    if close and close[0] in aliases:  # suggest the file itself, not its alias
+        close = [f"{CONFIG_ALIASES[close[0][:-5]]}.yaml"]
     hint = f" Did you mean {folder / close[0]}?" if close else ""
     listing = f" Configs in {folder}: {', '.join(existing)}." if existing else \
         f" Configs live in {CONFIGS_DIR}/<edit|lora|embeds|classifier|mini>/<dataset>.yaml."
@@ -734,7 +736,8 @@ def load_config(schema: Type[C], config_path: Optional[str], overrides: Sequence
         try:
             loaded = OmegaConf.load(path)
         except Exception as err:  # yaml syntax errors come in many types
-            raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from err
+            detail = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+            raise ConfigError(f"{path}: not valid YAML: {detail[:400]}") from err
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path}: the file must hold a mapping of keys (key: value lines), not a list")
         layers.append((str(path), loaded))

@@ -192,6 +192,17 @@ def _from_pretrained(cls, source: str, subfolder: str, cfg: ModelConfig, loader:
         ) from err
 
 
+def check_num_inference_steps(cfg: ModelConfig, num_inference_steps: int) -> None:
+    """Refuse a T the decoder's scheduler cannot space (more than its training steps), reading only its config, so
+    the error comes before any weights load."""
+    sched_cfg = _from_pretrained(DDPMScheduler, cfg.decoder, "scheduler", cfg, loader="load_config")
+    train_steps = int(sched_cfg.get("num_train_timesteps", 1000))
+    if num_inference_steps > train_steps:
+        raise ConfigError(f"num_inference_steps = {num_inference_steps} is more than the decoder scheduler's "
+                          f"{train_steps} training steps ({cfg.decoder}/scheduler); use at most {train_steps} "
+                          "(the paper uses 100)", key="num_inference_steps")
+
+
 def decoder_image_size(cfg: ModelConfig) -> int:
     """The pixel size images are resized to: model.image_size, else the UNet's sample_size x the MoVQ scale factor.
 

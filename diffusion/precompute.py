@@ -26,8 +26,9 @@ def _is_complete(meta: dict, expected: Dict[str, str], candidates: List[str], wh
     for key, value in expected.items():
         if meta.get(key) != value:
             raise EmbeddingsError(
-                f"{where}: was written with {key} = '{meta.get(key)}', this run has '{value}'. "
-                "Set overwrite: true to recompute it, or use another output_dir."
+                f"{where}: was written with {key} = '{meta.get(key)}', this run has '{value}'. Recompute it with "
+                "python scripts/save_embeds.py --config_path <embeds config> overwrite=true, or point the run at "
+                "another embeddings folder (output_dir of save_embeds, embeds_dir of an editing run)."
             )
     return sorted(meta["files"] + meta.get("skipped", [])) == sorted(candidates)
 

@@ -140,6 +140,23 @@ def load_classifiers(cfg: EditConfig, classes: List[str], device: torch.device,
     return Classifiers(oracle, judge)
 
 
+def check_inputs(cfg: EditConfig) -> None:
+    """What can be checked without loading weights, before anything is written: T against the scheduler, the LoRA
+    adapter's folder, the classifier folders."""
+    from diffusion.models import check_num_inference_steps
+
+    check_num_inference_steps(cfg.model, cfg.num_inference_steps)
+    if cfg.lora.path:
+        from diffusion.lora import adapter_dir
+
+        adapter_dir(cfg.lora.path, cfg.lora.step)
+    for key in ("oracle_dir", "judge_dir"):
+        folder = getattr(cfg, key)
+        if folder is not None and not Path(folder).is_dir():
+            raise ConfigError(f"{key} = {folder} does not exist: train one with scripts/train_classifiers.py "
+                              f"--config_path configs/classifier/<dataset>.yaml, or fix the path", key=key)
+
+
 def run_edits(cfg: EditConfig, oracle: Optional[Oracle] = None,
               judge: Optional[Oracle] = None) -> Optional[Dict[str, object]]:
     """The whole editing run; returns the summary on the main process (None on the others). ``oracle`` / ``judge``:
@@ -150,6 +167,7 @@ def run_edits(cfg: EditConfig, oracle: Optional[Oracle] = None,
     state = PartialState(cpu=resolve_device(cfg.model.device).type == "cpu")
     classes = dataset_classes(cfg.data)
     items = plan_items(cfg, classes)  # lists and checks the data before any model loads
+    check_inputs(cfg)
     out = Path(cfg.output_dir)
     if state.is_main_process:  # a folder with no result yet (a run that failed early) accepts a corrected config
         stamp_run_dir(cfg, has_results=lambda folder: bool(ResultsWriter.existing_keys(folder)))
