@@ -33,6 +33,10 @@ class DatasetLayoutError(FileNotFoundError):
     """
 
 
+class FileListError(ValueError):
+    """A line of a file list that cannot name an image of the class folder; the message names the list and line."""
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     """One labelled image file: ``label`` is the index of ``class_name`` in the class list it was built with."""
@@ -71,7 +75,8 @@ def list_class_files(
     Raises:
         DatasetLayoutError: the split or class folder is missing or holds no image files, or the file list or
             some of the names in it do not exist (the message lists them).
-        ValueError: ``num_samples`` < 1, or a file list line is not a bare image file name.
+        ValueError: ``num_samples`` < 1.
+        FileListError: a file list line is not a bare image file name.
     """
     if num_samples is not None and num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer or None, got {num_samples}")
@@ -260,10 +265,10 @@ def _files_from_list(list_path: Path, class_dir: Path, allowed: frozenset[str]) 
             continue
         where = f"{list_path}, line {line_number}: {name!r}"
         if "/" in name or "\\" in name or name in (".", ".."):
-            raise ValueError(f"{where} is not a bare file name. A file list names files inside the class folder "
+            raise FileListError(f"{where} is not a bare file name. A file list names files inside the class folder "
                              f"{class_dir}, one name per line, without folders.")
         if Path(name).suffix.lower() not in allowed:
-            raise ValueError(f"{where} does not end in an image extension ({_listing(sorted(allowed))}).")
+            raise FileListError(f"{where} does not end in an image extension ({_listing(sorted(allowed))}).")
         if name in names:
             logger.warning("%s repeats an earlier line; keeping the first", where)
             continue

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from datasets.folder import ImageRecord, ImageRecordDataset, build_records, collate_skip_bad
 from datasets.registry import get_spec, resolve_classes
 from diffusion.config import DataConfig
+from diffusion.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,12 @@ def split_records(d: DataConfig, split: str, classes: Optional[List[str]] = None
     """Records of ``split`` (sorted, capped at data.num_samples per class); the per-class file lists of
     data.file_lists select the images when ``use_file_lists`` (the images to edit)."""
     classes = classes or dataset_classes(d)
+    if use_file_lists:
+        unknown = sorted(set(d.file_lists) - set(dataset_classes(d)))
+        if unknown:
+            raise ConfigError(f"data.file_lists names classes {unknown} that the dataset does not have (its classes: "
+                              f"{dataset_classes(d)}); fix the class names (they are case-sensitive folder names)",
+                              key="data.file_lists")
     lists = {c: d.file_lists[c] for c in classes if c in d.file_lists} if use_file_lists else None
     return build_records(prepare_root(d), split, classes, num_samples=d.num_samples, file_lists=lists,
                          extensions=get_spec(d.name).extensions)

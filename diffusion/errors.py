@@ -62,10 +62,10 @@ class BusyError(DiffusionError, RuntimeError):
 
 def user_errors() -> Tuple[Type[BaseException], ...]:
     """Exception types whose message is meant for the user (bad config, data, weights or files), not a bug report."""
-    from datasets.folder import DatasetLayoutError
+    from datasets.folder import DatasetLayoutError, FileListError
     from datasets.images import BadImageError
 
-    return (DiffusionError, BadImageError, DatasetLayoutError, FileNotFoundError)
+    return (DiffusionError, BadImageError, DatasetLayoutError, FileListError, FileNotFoundError)
 
 
 class RunInterrupted(Exception):

@@ -9,6 +9,7 @@ tiny models of the tests and the real 2.2 weights run through exactly the same c
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -37,6 +38,14 @@ class ImageEncoder:
     @property
     def embed_dim(self) -> int:
         return int(self.model.config.projection_dim)
+
+    @property
+    def fingerprint(self) -> str:
+        """What makes this encoder's embeddings: its weights and its processor's settings (cached)."""
+        if not hasattr(self, "_fingerprint"):
+            proc = hashlib.sha256(json.dumps(self.processor.to_dict(), sort_keys=True, default=str).encode())
+            self._fingerprint = f"{weights_fingerprint(self.model)}-{proc.hexdigest()[:8]}"
+        return self._fingerprint
 
     @property
     def device(self) -> torch.device:

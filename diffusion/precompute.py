@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 
 from diffusion.config import EmbedsConfig
 from diffusion.data import dataset_classes, make_loader, split_records
-from diffusion.embeddings import read_class_meta, save_class_embeds
-from diffusion.errors import EmbeddingsError
+from diffusion.embeddings import read_class_meta, save_class_embeds, tensor_rows
+from diffusion.errors import ArtefactError, EmbeddingsError
 from diffusion.files import relative_path
 from diffusion.runinfo import stamp_run_dir
 from diffusion.models import ImageEncoder, decoder_image_size, load_image_encoder
@@ -21,16 +21,38 @@ log = logging.getLogger(__name__)
 
 
 def _is_complete(meta: dict, expected: Dict[str, str], candidates: List[str], where: Path) -> bool:
-    """True when an existing class file was made from the same model, split and files; an existing file made from
-    something else is an error rather than a silent reuse or a silent overwrite."""
+    """True when an existing class file was made from the same model, split, image size and files; an existing file
+    made from something else is an error rather than a silent reuse or a silent overwrite. (Keys an older file does
+    not record are not compared.)"""
     for key, value in expected.items():
-        if meta.get(key) != value:
+        if key in meta and meta.get(key) != value:
             raise EmbeddingsError(
                 f"{where}: was written with {key} = '{meta.get(key)}', this run has '{value}'. Recompute it with "
                 "python scripts/save_embeds.py --config_path <embeds config> overwrite=true, or point the run at "
                 "another embeddings folder (output_dir of save_embeds, embeds_dir of an editing run)."
             )
     return sorted(meta["files"] + meta.get("skipped", [])) == sorted(candidates)
+
+
+def _intact(out: Path, c: str, meta: dict, encoder: Optional[ImageEncoder]) -> bool:
+    """A complete-looking class is really usable: its tensor file reads and has one row per listed file, and (when
+    the encoder is loaded) it was made by that encoder. A damaged file is recomputed, with a warning."""
+    try:
+        rows = tensor_rows(out, c)
+    except ArtefactError as err:
+        log.warning("class %s: %s; recomputing it", c, str(err).split(";")[0])
+        return False
+    if rows != len(meta["files"]):
+        log.warning("class %s: %s has %d rows for %d files (an interrupted write?); recomputing it", c,
+                    out / f"{c}.safetensors", rows, len(meta["files"]))
+        return False
+    made_by = meta.get("encoder_fingerprint")
+    if encoder is not None and made_by is not None and made_by != encoder.fingerprint:
+        raise EmbeddingsError(
+            f"{out / (c + '.json')}: made by another image encoder (weights {made_by}; this one {encoder.fingerprint}, "
+            f"model.prior '{meta.get('model')}'). Recompute with python scripts/save_embeds.py --config_path <embeds "
+            "config> overwrite=true, or use another embeddings folder.")
+    return True
 
 
 def embed_class(encoder: ImageEncoder, cfg: EmbedsConfig, records, image_size: int, desc: str):
@@ -67,9 +89,14 @@ def save_embeddings(cfg: EmbedsConfig, encoder: Optional[ImageEncoder] = None, s
     for c in classes:
         records = [r for r in records_all if r.class_name == c]
         candidates = [relative_path(r.path, root) for r in records]
-        meta = read_class_meta(out, c)
-        expected = {"model": cfg.model.prior, "split": split}
-        if meta is not None and not cfg.overwrite and _is_complete(meta, expected, candidates, out / f"{c}.json"):
+        try:
+            meta = read_class_meta(out, c)
+        except ArtefactError as err:
+            log.warning("class %s: %s; recomputing it", c, str(err).split(". ")[0])
+            meta = None
+        expected = {"model": cfg.model.prior, "split": split, "image_size": str(size)}
+        if (meta is not None and not cfg.overwrite and _is_complete(meta, expected, candidates, out / f"{c}.json")
+                and _intact(out, c, meta, encoder)):
             log.info("class %s: complete (%d images), skipped; overwrite=true recomputes it", c, len(meta["files"]))
             written[c] = out / f"{c}.safetensors"
             continue
@@ -82,7 +109,8 @@ def save_embeddings(cfg: EmbedsConfig, encoder: Optional[ImageEncoder] = None, s
             log.warning("class %s: skipped unreadable %s", c, path)
         written[c] = save_class_embeds(
             out, c, embeds, [relative_path(Path(p), root) for p in kept],
-            meta={**expected, "data_root": str(root), "dataset": cfg.data.name},
+            meta={**expected, "data_root": str(root), "dataset": cfg.data.name,
+                  "encoder_fingerprint": encoder.fingerprint, "dtype": str(encoder.dtype).replace("torch.", "")},
             skipped=[relative_path(Path(p), root) for p in skipped],
         )
         log.info("class %s: %d embeddings -> %s", c, len(kept), written[c])

@@ -47,8 +47,11 @@ class EditItem:
 
     @property
     def out_dir(self) -> str:
+        """``edits/<source>_to_<target>/<file name>-<hash>``: readable, stable across runs, and unique by
+        construction (the hash is of the image's path within the data root, so ``x.y.png`` and ``x_y.png`` of one
+        class never share a folder)."""
         name = Path(self.rel_path).name.replace(".", "_")
-        return f"edits/{self.record.class_name}_to_{self.target}/{name}"
+        return f"edits/{self.record.class_name}_to_{self.target}/{name}-{zlib.crc32(self.rel_path.encode()):08x}"
 
 
 def resolve_directions(cfg: EditConfig, classes: Sequence[str]) -> List[Tuple[str, str]]:
@@ -140,9 +143,9 @@ def load_classifiers(cfg: EditConfig, classes: List[str], device: torch.device,
     return Classifiers(oracle, judge)
 
 
-def check_inputs(cfg: EditConfig) -> None:
+def check_inputs(cfg: EditConfig, given: Optional["Classifiers"] = None) -> None:
     """What can be checked without loading weights, before anything is written: T against the scheduler, the LoRA
-    adapter's folder, the classifier folders."""
+    adapter's folder, the classifier folders (those not ``given`` as objects)."""
     from diffusion.models import check_num_inference_steps
 
     check_num_inference_steps(cfg.model, cfg.num_inference_steps)
@@ -152,6 +155,8 @@ def check_inputs(cfg: EditConfig) -> None:
         adapter_dir(cfg.lora.path, cfg.lora.step)
     for key in ("oracle_dir", "judge_dir"):
         folder = getattr(cfg, key)
+        if given is not None and getattr(given, key[:-4]) is not None:
+            continue
         if folder is not None and not Path(folder).is_dir():
             raise ConfigError(f"{key} = {folder} does not exist: train one with scripts/train_classifiers.py "
                               f"--config_path configs/classifier/<dataset>.yaml, or fix the path", key=key)
@@ -167,7 +172,7 @@ def run_edits(cfg: EditConfig, oracle: Optional[Oracle] = None,
     state = PartialState(cpu=resolve_device(cfg.model.device).type == "cpu")
     classes = dataset_classes(cfg.data)
     items = plan_items(cfg, classes)  # lists and checks the data before any model loads
-    check_inputs(cfg)
+    check_inputs(cfg, Classifiers(oracle, judge))
     out = Path(cfg.output_dir)
     if state.is_main_process:  # a folder with no result yet (a run that failed early) accepts a corrected config
         stamp_run_dir(cfg, has_results=lambda folder: bool(ResultsWriter.existing_keys(folder)))
@@ -211,7 +216,8 @@ def _edit_items(cfg: EditConfig, items: List[EditItem], classes: List[str], writ
     clf = load_classifiers(cfg, involved, device, given)
     lpips = Lpips(device) if cfg.lpips else None
     pipe = _load_pipeline(cfg, device, classes)
-    means = load_class_means(cfg.embeds_dir, involved, pipe.encoder.embed_dim, cfg.class_mean_images)
+    means = load_class_means(cfg.embeds_dir, involved, pipe.encoder.embed_dim, cfg.class_mean_images,
+                             expected_encoder=pipe.encoder.fingerprint)
     log.info("edit: %d items, T=%d, guidance %g, eta %s, search %s, t_skips %s, batch %d, device %s, dtype %s",
              len(items), cfg.num_inference_steps, cfg.guidance_scale, list(cfg.eta), cfg.search.value,
              sorted(cfg.t_skips, reverse=True) if cfg.search != SearchMode.fixed else [cfg.t_skip], cfg.batch_size,
