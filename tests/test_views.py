@@ -22,9 +22,10 @@ from PIL import Image
 import diffusion.edit.run as edit_run
 from conftest import write_blob_images
 from diffusion.config import EditConfig, load_config
+from diffusion.views.blind import decode_class, opaque_name
 from diffusion.views.gallery import write_views
 from diffusion.views.pages import embed_json, render_page
-from diffusion.views.quiz import lesson_and_quiz, lesson_row
+from diffusion.views.quiz import lesson_and_quiz, lesson_row, verdict_column
 from diffusion.views.images import StripFrame, compose_strip, difference_map, save_flicker_gif
 
 REPO = Path(__file__).resolve().parent.parent
@@ -155,18 +156,41 @@ def test_gallery_carries_the_oracle_probabilities_and_t_skip(run):
         assert card["t_skip"] == float(r["t_skip"]) and card["flipped"] == (r["flipped"] == "1")
 
 
+def quiz_truth(data: dict) -> dict:
+    """A quiz page's questions: image URL -> the true class its token hides."""
+    return {q["image"]: data["classes"][decode_class(q["token"], data["key"], q["image"])] for q in data["quiz"]}
+
+
 def test_quiz_shows_only_images_absent_from_the_lesson(run):
     _, run_dir, rows = run
     data = page_data(run_dir / "quiz.html")
-    truth = {r["original_path"]: r["source_class"] for r in rows}
-    flipped_cf = {r["counterfactual_path"] for r in rows if r["flipped"] == "1"}
-    lesson_images = {Path(unquote(p["original"])).parent for p in data["lesson"]}  # one folder per image here
-    quiz_images = {Path(unquote(q["image"])).parent for q in data["quiz"]}
-    assert quiz_images and not lesson_images & quiz_images
-    assert {q["label"] for q in data["quiz"]} == {"class_a", "class_b"}  # 2 per class: 1 lesson, 1 quiz each
-    assert all(truth[unquote(q["image"])] == q["label"] for q in data["quiz"])
-    assert data["lesson"] and all(unquote(p["counterfactual"]) in flipped_cf for p in data["lesson"])  # reached B
+    source_of = {opaque_name(run_dir / r["original_path"]): r for r in rows}  # the opaque copies' originals
+    flipped_cf = {opaque_name(run_dir / r["counterfactual_path"]) for r in rows if r["flipped"] == "1"}
+    lesson_images = {source_of[p["original"]]["source_path"] for p in data["lesson"]}
+    truth = quiz_truth(data)
+    assert truth and not lesson_images & {source_of[image]["source_path"] for image in truth}
+    assert set(truth.values()) == {"class_a", "class_b"}  # 2 per class: 1 lesson, 1 quiz each
+    assert all(source_of[image]["source_class"] == cls for image, cls in truth.items())
+    assert data["lesson"] and all(p["counterfactual"] in flipped_cf for p in data["lesson"])  # reached B
     assert data["classes"] == ["class_a", "class_b"]
+
+
+def test_quiz_holds_no_class_in_plain_text(run):
+    _, run_dir, _ = run
+    page = (run_dir / "quiz.html").read_text()
+    data = page_data(run_dir / "quiz.html")
+    assert all(re.fullmatch(r"study/[0-9a-f]{16}\.png", q["image"]) and set(q) == {"image", "token"}
+               for q in data["quiz"])
+    assert "_to_" not in page and "edits/" not in page  # no run path (they name the classes) anywhere
+    assert {len(q["token"]) for q in data["quiz"]} == {8}  # every token alike, whatever its class
+
+
+def test_judge_verdict_and_already_target_rule_the_lesson():
+    judged = [_row("x", "a", "b", "1", "1", "0.1"), _row("x", "a", "b", "2", "1", "0.3")]
+    judged[0]["judge_flipped"], judged[1]["judge_flipped"] = "0", "1"  # the judge overrules the oracle
+    assert verdict_column(judged) == "judge_flipped" and lesson_row(judged)["eta"] == "2"
+    already = dict(judged[1], already_target="1")
+    assert lesson_row([already], "judge_flipped") is None
 
 
 def test_write_views_is_idempotent(run, tmp_path):
@@ -269,7 +293,8 @@ def test_compose_strip_captions_each_frame():
 
 def _row(path, cls, tgt, eta, flipped, l2, t_skip="0.5"):
     return {"source_path": path, "source_class": cls, "target_class": tgt, "eta": eta, "t_skip": t_skip,
-            "flipped": flipped, "l2": l2, "lpips": "", "original_path": f"{path}.png"}
+            "flipped": flipped, "l2": l2, "lpips": "", "original_path": f"{path}.png",
+            "counterfactual_path": f"{path}_cf{eta}.png", "already_target": "0", "judge_flipped": ""}
 
 
 def test_lesson_row_teaches_with_the_smallest_edit_that_flipped():
@@ -369,10 +394,13 @@ def test_gallery_and_quiz_work_offline_in_chromium(run, tmp_path):
         assert _all_images_loaded(page) == []
         page.click("#lesson-done")
         wrong = {"class_a": "class_b", "class_b": "class_a"}
+        truth = quiz_truth(quiz)
         for k, item in enumerate(quiz["quiz"]):
             assert page.locator("#progress").inner_text() == f"Question {k + 1} of {len(quiz['quiz'])}"
             assert page.locator("#quiz-image").get_attribute("src") == item["image"]
-            page.click(f"#answers button[data-class='{item['label'] if k else wrong[item['label']]}']")
+            assert not page.locator("#next").is_visible()  # nothing to go on to before an answer
+            label = truth[item["image"]]
+            page.click(f"#answers button[data-class='{label if k else wrong[label]}']")
             assert page.locator("#feedback-text").inner_text().startswith("Not quite" if k == 0 else "Right")
             page.click("#next")
         n = len(quiz["quiz"])

@@ -21,13 +21,15 @@ from typing import Dict, List, Optional, Tuple
 
 from tqdm.auto import tqdm
 
-from diffusion.config import ViewsConfig
+from diffusion.config import StudyConfig, ViewsConfig
 from diffusion.files import atomic_write_text
 from diffusion.metrics import load_run_rows, summarize
 from diffusion.views.pages import (
     PIXELATED_BELOW, Row, cell_float, existing_url, legend_gradient, render_page, row_flipped, run_classes, url,
 )
+from diffusion.views.blind import OpaqueCopies
 from diffusion.views.quiz import QUIZ_SEED, quiz_data
+from diffusion.views.study import write_study_page
 from diffusion.views.images import (
     DIFF_PERCENTILE, load_rgb, save_difference_map, save_flicker_gif, save_strip, strip_frames,
 )
@@ -123,13 +125,16 @@ def _load_summary(run_dir: Path, rows: List[Row]) -> Dict[str, object]:
     return summarize(rows)
 
 
-def write_views(run_dir: Path, frame_ms: int = DEFAULT_FRAME_MS, quiz_seed: int = QUIZ_SEED) -> Dict[str, object]:
+def write_views(run_dir: Path, frame_ms: int = DEFAULT_FRAME_MS, quiz_seed: int = QUIZ_SEED,
+                study: Optional[StudyConfig] = None) -> Dict[str, object]:
     """Every teaching view of an editing run folder, from its files only: per edit ``flicker_<tag>.gif`` and
-    ``diff_<tag>.png`` beside ``cf_<tag>.png``, per image ``strip.png``, and ``index.html`` + ``quiz.html`` at the top.
+    ``diff_<tag>.png`` beside ``cf_<tag>.png``, per image ``strip.png``, and ``index.html`` + ``quiz.html`` +
+    ``study.html`` (settings: ``study``, else the run's config.yaml ``views.study``) at the top, the images the quiz
+    and the study show copied under opaque names into ``study/``.
 
     Reads results.csv (plus unmerged shards), summary.json and each image's strip.json; overwrites earlier views.
-    Returns counts and the page paths: {"index", "quiz", "edits", "gifs", "diff_maps", "strips", "lesson_pairs",
-    "quiz_images"}.
+    Returns counts and the page paths: {"index", "quiz", "study" (None when disabled), "edits", "gifs", "diff_maps",
+    "strips", "lesson_pairs", "quiz_images"}.
 
     Raises:
         FileNotFoundError: ``run_dir`` is not an editing run folder (no results.csv).
@@ -146,13 +151,17 @@ def write_views(run_dir: Path, frame_ms: int = DEFAULT_FRAME_MS, quiz_seed: int 
     classes = run_classes(rows)
     title = " vs ".join(classes) or run_dir.resolve().name
     index_data = _index_data(run_dir, rows, cards, classes, frame_ms)
-    quiz = quiz_data(run_dir, rows, cards, classes, quiz_seed)
+    copies = OpaqueCopies(run_dir)
+    quiz = quiz_data(run_dir, rows, cards, classes, quiz_seed, copies)
     atomic_write_text(run_dir / "index.html", render_page("index.html", f"{title}: counterfactual edits",
                                                           "gallery.js", index_data))
-    atomic_write_text(run_dir / "quiz.html", render_page("quiz.html", f"{title}: lesson and quiz", "quiz.js",
-                                                         quiz))
+    atomic_write_text(run_dir / "quiz.html", render_page("quiz.html", f"{title}: lesson and quiz",
+                                                         ["blind.js", "quiz.js"], quiz))
+    study_page = write_study_page(run_dir, rows, cards, classes, title, study, copies)
+    copies.prune()
     counts = {
-        "index": str(run_dir / "index.html"), "quiz": str(run_dir / "quiz.html"), "edits": len(cards),
+        "index": str(run_dir / "index.html"), "quiz": str(run_dir / "quiz.html"), "study": study_page,
+        "edits": len(cards),
         "gifs": sum(c["gif"] is not None for c in cards), "diff_maps": sum(c["diff"] is not None for c in cards),
         "strips": sum(s is not None for s in strips.values()), "lesson_pairs": len(quiz["lesson"]),
         "quiz_images": len(quiz["quiz"]),

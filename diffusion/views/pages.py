@@ -28,11 +28,14 @@ def embed_json(data: object) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def render_page(template: str, title: str, script: str, data: object) -> str:
-    """A template from ``templates/`` with ``{{ title }}``, ``{{ css }}``, ``{{ js }}`` (dom.js, then ``script``) and
-    ``{{ data }}`` filled in one pass (text put in is never scanned for further fields)."""
-    css = (TEMPLATES / "gallery.css").read_text(encoding="utf-8")
-    js = "\n".join((TEMPLATES / name).read_text(encoding="utf-8") for name in ("dom.js", script))
+def render_page(template: str, title: str, script: str | Sequence[str], data: object,
+                extra_css: Sequence[str] = ()) -> str:
+    """A template from ``templates/`` with ``{{ title }}``, ``{{ css }}`` (gallery.css, then ``extra_css``), ``{{ js }}``
+    (dom.js, then ``script``: one template name or several, in order) and ``{{ data }}`` filled in one pass (text put
+    in is never scanned for further fields)."""
+    scripts = [script] if isinstance(script, str) else list(script)
+    css = "\n".join((TEMPLATES / name).read_text(encoding="utf-8") for name in ("gallery.css", *extra_css))
+    js = "\n".join((TEMPLATES / name).read_text(encoding="utf-8") for name in ("dom.js", *scripts))
     if "</" in css or "</script" in js.lower():
         raise ValueError(f"templates/{script}, dom.js or gallery.css contains '</': it would end the inline block "
                          "early")

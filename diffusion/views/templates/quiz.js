@@ -1,6 +1,7 @@
 // quiz.html: an optional lesson of counterfactual pairs, then a quiz on real images not shown in the lesson, scored
-// in the page. Data: the JSON block #run-data written by diffusion/gallery.py (lesson pairs; quiz images with their
-// true class, already shuffled with a fixed seed). No libraries, no network.
+// in the page. Data: the JSON block #run-data written by diffusion/views/quiz.py (lesson pairs; quiz images, opaque
+// copies already shuffled with a fixed seed, each with a token of its true class that blind.js decodes only once
+// the question is answered). No libraries, no network.
 "use strict";
 (function () {
   var data = JSON.parse(document.getElementById("run-data").textContent);
@@ -73,14 +74,15 @@
   function answer(cls) {
     if (state.waiting || $("quiz").hidden) return;
     var item = data.quiz[state.index];
-    var correct = cls === item.label;
-    state.answers.push({image: item.image, truth: item.label, answer: cls, correct: correct,
+    var truth = data.classes[decodeClass(item.token, data.key, item.image)];
+    var correct = cls === truth;
+    state.answers.push({image: item.image, truth: truth, answer: cls, correct: correct,
                         ms: Date.now() - state.shownAt});
     if ($("feedback").checked) {
       state.waiting = true;
       Array.prototype.forEach.call($("answers").children, function (b) { b.disabled = true; });
       var text = $("feedback-text");
-      text.textContent = correct ? "Right: this is " + item.label + "." : "Not quite: this is " + item.label + ".";
+      text.textContent = correct ? "Right: this is " + truth + "." : "Not quite: this is " + truth + ".";
       text.className = "feedback " + (correct ? "right" : "wrong");
       text.hidden = false;
       $("next").hidden = false;
@@ -131,16 +133,10 @@
   }
 
   function downloadCsv() {
-    var quote = function (s) { return "\"" + String(s).replace(/"/g, "\"\"") + "\""; };
-    var lines = ["question,image,true_class,answer,correct,milliseconds"].concat(state.answers.map(function (a, i) {
-      return [i + 1, quote(decodeURIComponent(a.image)), quote(a.truth), quote(a.answer), a.correct ? 1 : 0,
-              a.ms].join(",");
-    }));
-    var link = el("a", {href: URL.createObjectURL(new Blob([lines.join("\n") + "\n"], {type: "text/csv"})),
-                        download: "quiz_answers.csv"});
-    document.body.appendChild(link);
-    link.click();
-    link.remove();
+    downloadText(csvText(["question", "image", "true_class", "answer", "correct", "milliseconds"],
+                         state.answers.map(function (a, i) {
+                           return [i + 1, decodeURIComponent(a.image), a.truth, a.answer, a.correct ? 1 : 0, a.ms];
+                         })), "quiz_answers.csv");
   }
 
   $("start-lesson").addEventListener("click", function () { show("lesson"); });
