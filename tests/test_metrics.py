@@ -121,12 +121,17 @@ def test_analyze_results_prints_one_row_per_run(tmp_path, capsys) -> None:
     _write_results(b, [dict(r, flipped="1", t_skip="0.9") for r in HAND_MADE])
     (a / "summary.json").write_text(json.dumps({"flip_rate": 1.0}))  # stale: the table recomputes from results.csv
     assert _analyze_main()([str(a), str(b), "--output", str(tmp_path / "table.md")]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 4 and lines[0].startswith("| run |") and lines[1].startswith("| --- |")
-    assert lines[2].startswith(f"| {a} |") and "40.0% (2/5)" in lines[2] and "3->8: 33.3% (1/3)" in lines[2]
-    assert "lora=outputs/lora@400" in lines[2] and "| 0.3000 |" in lines[2]
-    assert lines[3].startswith(f"| {b} |") and "100.0% (5/5)" in lines[3] and "| 0.900 |" in lines[3]
-    assert (tmp_path / "table.md").read_text().strip() == "\n".join(lines)
+    out = capsys.readouterr().out.strip()
+    lines = out.splitlines()
+    assert lines[0].startswith("| run |") and lines[1].startswith("| --- |") and lines[4] == ""  # a row per run
+    assert lines[2].startswith("| run_a |") and "40.0% (2/5) [11.8, 76.9]" in lines[2]  # Wilson 95%
+    assert "3->8: 33.3% (1/3) [6.1, 79.2]" in lines[2]
+    assert "lora=outputs/lora@400" in lines[2] and "| 0.3000 [0.2000, 0.4000] |" in lines[2]  # LPIPS, flipped
+    assert lines[3].startswith("| run_b |") and "100.0% (5/5) [56.6, 100.0]" in lines[3]
+    assert "| 0.900 [0.900, 0.900] |" in lines[3]
+    assert "### run_a: chosen t_skip" in out and "Intervals: 95% intervals" in out
+    assert "the same classifier that chose the edit" in out  # oracle verdicts are not independent: it says so
+    assert (tmp_path / "table.md").read_text().strip() == out
     assert _analyze_main()([str(tmp_path / "nothing")]) == 2
 
 
@@ -136,7 +141,7 @@ def test_an_unfinished_run_is_read_from_its_shards(tmp_path) -> None:
     rows = load_run_rows(tmp_path)
     assert sorted(r["source_path"] for r in rows) == sorted(r["source_path"] for r in HAND_MADE)
     assert not (tmp_path / "results.csv").exists()  # reading never writes
-    assert "40.0% (2/5)" in comparison_table([("run", summarize(rows), "")])
+    assert "40.0% (2/5) [" in comparison_table([("run", summarize(rows), "")])
 
 
 # --------------------------------------------------------------------------------------------------------------------

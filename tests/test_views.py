@@ -80,7 +80,7 @@ def page_data(page: Path) -> dict:
     return json.loads(block.group(1))
 
 
-URL_KEYS = {"original", "counterfactual", "pair", "gif", "diff", "strip", "image", "links"}
+URL_KEYS = {"original", "counterfactual", "pair", "gif", "diff", "strip", "image", "links", "svg", "png"}
 
 
 def _urls(value, key=None):
@@ -282,13 +282,18 @@ def test_flicker_gif_keeps_unchanged_pixels_identical(tmp_path):
     assert len(frames) == 2 and np.array_equal(frames[0][6:], frames[1][6:])
 
 
-def test_compose_strip_captions_each_frame():
+def test_compose_strip_is_the_frames_alone_without_text():
+    colours = [(255, 0, 0), (0, 0, 255), (0, 255, 0)]
     frames = [StripFrame(Image.new("RGB", (64, 64), c), f"eta {k}", p)
-              for k, (c, p) in enumerate([("red", 0.1), ("blue", None), ("green", 0.9)])]
-    strip = compose_strip(frames, "a -> b", "b")
-    assert strip.width > 3 * 128 and strip.height > 128  # 64 px tiles shown at 128 px, captions below
+              for k, (c, p) in enumerate(zip(colours, [0.1, None, 0.9]))]
+    strip = compose_strip(frames, gap=4)
+    assert strip.size == (3 * 128 + 2 * 4, 128)  # 64 px tiles shown at 128 px; no title or caption rows
+    arr = np.asarray(strip)
+    for k, colour in enumerate(colours):  # each tile is exactly its frame: nothing drawn over it
+        assert (arr[:, k * 132:k * 132 + 128] == colour).all()
+    assert (arr[:, 128:132] == 255).all()  # the white gap
     with pytest.raises(ValueError):
-        compose_strip([], "t", "b")
+        compose_strip([])
 
 
 def _row(path, cls, tgt, eta, flipped, l2, t_skip="0.5"):
@@ -352,10 +357,14 @@ def test_gallery_and_quiz_work_offline_in_chromium(run, tmp_path):
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto((run_dir / "index.html").as_uri())
 
-        # every image of every card (original, counterfactual, GIF, difference map, strip) loads from disk
+        # every figure and every image of every card (original, counterfactual, GIF, difference map, each strip
+        # frame) loads from disk
+        data = page_data(run_dir / "index.html")
         assert page.locator(".card").count() == len(rows)
         assert _all_images_loaded(page) == []
-        assert page.evaluate("() => document.images.length") == 5 * len(rows)
+        frames = sum(len(c["strip_frames"]) for c in data["cards"])
+        assert frames == 3 * len(rows)  # the original and 2 etas
+        assert page.evaluate("() => document.images.length") == 4 * len(rows) + frames + len(data["figures"])
 
         # the comparison slider changes what is shown: all counterfactual at 0, all original at 100
         compare = page.locator(".compare").first
@@ -410,3 +419,84 @@ def test_gallery_and_quiz_work_offline_in_chromium(run, tmp_path):
         browser.close()
     assert errors == []
     assert requests and all(u.startswith(("file://", "data:", "blob:")) for u in requests), requests
+
+
+@pytest.mark.slow
+def test_gallery_figures_strip_captions_and_a_420px_screen_in_chromium(run, tmp_path):
+    """The run's figures render above the cards, the strip captions are HTML text under each frame, and at a 420 px
+    wide screen nothing makes the page scroll sideways."""
+    from playwright.sync_api import sync_playwright
+
+    _, run_dir, rows = run
+    data = page_data(run_dir / "index.html")
+    assert [f["name"] for f in data["figures"]] == ["t_skip_histogram", "distance_histogram"]  # a fixed-t_skip run
+    errors = []
+    with sync_playwright() as pw:
+        browser = _launch(pw, tmp_path / "profile")
+        page = browser.new_page()
+        page.set_viewport_size({"width": 420, "height": 900})
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto((run_dir / "index.html").as_uri())
+        figures = page.locator("#figures img")
+        assert figures.count() == len(data["figures"])
+        assert _all_images_loaded(page) == []
+        for k in range(figures.count()):  # an SVG drawn at a real size, inside the screen, above the first card
+            box = figures.nth(k).bounding_box()
+            assert figures.nth(k).get_attribute("src").endswith(".svg")
+            assert figures.nth(k).evaluate("i => i.naturalWidth") > 0 and box["width"] > 100 and box["height"] > 50
+            assert box["x"] >= 0 and box["x"] + box["width"] <= 420
+        assert page.evaluate("() => document.querySelector('#figures').compareDocumentPosition("
+                             "document.querySelector('.card')) & Node.DOCUMENT_POSITION_FOLLOWING")
+
+        # nothing sticks out of a 420 px screen (wide tables scroll inside .table-wrap)
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= 420
+        sticking_out = page.evaluate("""() => [...document.querySelectorAll('body *')]
+            .filter(e => !e.closest('.table-wrap, [hidden]') && e.getClientRects().length)
+            .filter(e => e.getBoundingClientRect().right > window.innerWidth + 0.5)
+            .map(e => e.tagName + '.' + e.className)""")
+        assert sticking_out == []
+
+        # interpolation strips: one HTML caption under each frame, as wide as its frame, in a readable size
+        captions = page.locator(".strip-frame figcaption")
+        assert captions.count() == sum(len(c["strip_frames"]) for c in data["cards"])
+        first = [captions.nth(k).inner_text() for k in range(3)]
+        assert first[0].startswith("original") and first[1].startswith("eta 0") and first[2].startswith("eta 2")
+        assert all("p(class_" in t for t in first)
+        size = captions.first.evaluate("c => parseFloat(getComputedStyle(c).fontSize)")
+        assert size >= 11
+        frame = page.locator(".strip-frame").first.bounding_box()
+        assert captions.first.bounding_box()["width"] <= frame["width"] + 0.5
+        page.screenshot(path=str(tmp_path / "narrow.png"), full_page=True)
+        browser.close()
+    assert errors == []
+
+
+def _hand_made_run(folder: Path, t_skips) -> Path:
+    """A run folder with results.csv only (no images): one first_flip row per t_skip."""
+    from diffusion.edit.results import COLUMNS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for k, t in enumerate(t_skips):
+            writer.writerow({**{c: "" for c in COLUMNS}, "source_path": f"a/{k}.png", "source_class": "a",
+                             "target_class": "b", "search": "first_flip", "t_skip": t, "eta": "1",
+                             "flipped": "1" if k % 2 else "0", "already_target": "0", "l2": str(0.1 * (k + 1))})
+    return folder
+
+
+@pytest.mark.slow
+def test_gallery_histogram_lists_t_skip_in_numeric_order_in_chromium(tmp_path):
+    """Bin "0" comes last, after 0.97 and 0.5 (JavaScript would list the integer-like key first)."""
+    from playwright.sync_api import sync_playwright
+
+    run_dir = _hand_made_run(tmp_path / "run", ["0", "0.97", "0.5", "0", "1"])
+    write_views(run_dir)
+    with sync_playwright() as pw:
+        browser = _launch(pw, tmp_path / "profile")
+        page = browser.new_page()
+        page.goto((run_dir / "index.html").as_uri())
+        keys = page.locator(".hist-key").all_inner_texts()
+        browser.close()
+    assert keys == ["1", "0.97", "0.5", "0"]

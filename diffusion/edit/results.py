@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence, Set, Tuple
 
+from diffusion.errors import ArtefactError
 from diffusion.files import atomic_write_text, make_dirs
 
 log = logging.getLogger(__name__)
@@ -44,17 +45,69 @@ def fmt(value: object) -> str:
     return str(value)
 
 
+# Columns without which a results file cannot be read (a row's identity and its verdict); the others may be absent
+# in a file written by an older version and read as empty.
+REQUIRED_COLUMNS: Tuple[str, ...] = ("source_path", "source_class", "target_class", "search", "t_skip", "eta",
+                                     "flipped")
+_FLAG_COLUMNS = ("flipped", "already_target", "judge_flipped")
+_NUMBER_COLUMNS = ("t_skip", "eta", "guidance_scale", "oracle_prob_before", "oracle_prob_after", "judge_prob_before",
+                   "judge_prob_after", "lpips", "l2", "unet_evals", "inversion_evals", "attempts", "seconds")
+
+
 def read_rows(path: Path) -> List[Dict[str, str]]:
-    """Rows of a results CSV; a torn last line (a crash mid-write) is dropped with a warning."""
+    """Rows of a results CSV (every column of COLUMNS present, missing optional ones as ""); [] for no file.
+
+    A torn last line (no final newline: a crash mid-write) is the only row ever skipped, with a warning. Anything
+    else wrong is an error naming the file (and the line): a header without the REQUIRED_COLUMNS, a row with the
+    wrong number of cells, a flag that is not 0/1, a number that does not parse.
+
+    Raises:
+        ArtefactError: the file is not a readable results file.
+    """
+    path = Path(path)
     if not path.is_file():
         return []
     text = path.read_text()
-    lines = text.splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        log.warning("%s: dropping an incomplete last line (interrupted write)", path)
-        lines = lines[:-1]
-    rows = list(csv.DictReader(io.StringIO("".join(lines))))
-    return [r for r in rows if r.get(COLUMNS[-1]) is not None]
+    if text and not text.endswith("\n"):
+        cut = text.rfind("\n") + 1
+        log.warning("%s: skipping its last line %d, cut off by an interrupted write: %r", path,
+                    text.count("\n") + 1, text[cut:cut + 60])
+        text = text[:cut]
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if header is None:
+        return []
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise ArtefactError(f"{path}: the header lacks the column(s) {', '.join(missing)} (it has "
+                            f"{', '.join(header) or 'none'}); this is not a results.csv of kandinsky_eval.py, or it "
+                            "was damaged: restore it or rerun into a fresh output_dir")
+    rows = []
+    for cells in reader:
+        if not cells:
+            continue  # a blank line
+        if len(cells) != len(header):
+            raise ArtefactError(f"{path}, line {reader.line_num}: {len(cells)} cells where the header has "
+                                f"{len(header)}; fix or delete that line (a resumed run redoes missing rows)")
+        row = {c: "" for c in COLUMNS}
+        row.update(zip(header, cells))
+        _check_cells(path, reader.line_num, row)
+        rows.append(row)
+    return rows
+
+
+def _check_cells(path: Path, line: int, row: Dict[str, str]) -> None:
+    for c in _FLAG_COLUMNS:
+        if row[c] not in ("", "0", "1"):
+            raise ArtefactError(f"{path}, line {line}: {c} = {row[c]!r}, expected 0, 1 or empty; fix or delete that "
+                                "line (a resumed run redoes missing rows)")
+    for c in _NUMBER_COLUMNS:
+        if row[c] != "":
+            try:
+                float(row[c])
+            except ValueError:
+                raise ArtefactError(f"{path}, line {line}: {c} = {row[c]!r} is not a number; fix or delete that line "
+                                    "(a resumed run redoes missing rows)") from None
 
 
 class ResultsWriter:

@@ -22,12 +22,13 @@ from typing import Dict, List, Optional, Tuple
 from tqdm.auto import tqdm
 
 from diffusion.config import StudyConfig, ViewsConfig
-from diffusion.files import atomic_write_text
+from diffusion.files import atomic_write_json, atomic_write_text
 from diffusion.metrics import load_run_rows, summarize
 from diffusion.views.pages import (
     PIXELATED_BELOW, Row, cell_float, existing_url, legend_gradient, render_page, row_flipped, run_classes, url,
 )
 from diffusion.views.blind import OpaqueCopies
+from diffusion.views.figures import write_run_figures
 from diffusion.views.quiz import QUIZ_SEED, quiz_data
 from diffusion.views.study import write_study_page
 from diffusion.views.images import (
@@ -51,6 +52,30 @@ def run_frame_ms(run_dir: str | Path) -> int:
 
     views = (OmegaConf.to_container(OmegaConf.load(path)) or {}).get("views") or {}
     return int(views.get("gif_frame_ms", DEFAULT_FRAME_MS))
+
+
+VIEWS_FILE = "views.json"  # the options the run folder's views were last made with
+
+
+def views_options(run_dir: str | Path) -> Optional[Dict[str, object]]:
+    """The options of the views now in ``run_dir`` (views.json), or None when none were recorded (an older run)."""
+    path = Path(run_dir) / VIEWS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_views_options(run_dir: Path, options: Dict[str, object]) -> None:
+    """Record the options the views are about to be made with in views.json, saying so when they differ from those
+    of the views already there (a resumed run or make_views.py with other settings re-renders every view)."""
+    options = {**options, "diff_percentile": DIFF_PERCENTILE, "strip_captions": "html"}
+    before = views_options(run_dir)
+    if before is not None and before != options:
+        changed = {k: f"{before.get(k)} -> {v}" for k, v in options.items() if before.get(k) != v}
+        log.warning("%s: re-rendering every view with new options (%s)", run_dir,
+                    ", ".join(f"{k} {c}" for k, c in changed.items()))
+    elif before is None and (run_dir / "index.html").is_file():
+        log.warning("%s: its views record no options (an older version made them); re-rendering every view with %s",
+                    run_dir, options)
+    atomic_write_json(run_dir / VIEWS_FILE, options)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -108,21 +133,25 @@ def image_strip(run_dir: Path, image_dir: str, original_prob: Optional[float]) -
         return None
     original = load_rgb(folder / "original.png") if (folder / "original.png").is_file() else None
     tiles = strip_frames(folder, frames, original, original_prob)
-    title = f"{info['source_class']} -> {info['target_class']}, every eta at t_skip {float(info['t_skip']):g}"
     rel = f"{image_dir}/strip.png"
-    strip = save_strip(tiles, title, str(info["target_class"]), run_dir / rel)
-    return {"strip": url(rel), "strip_t_skip": float(info["t_skip"]), "strip_size": list(strip.size)}
+    strip = save_strip(tiles, run_dir / rel)  # no text in it: the page captions each frame in HTML
+    paths = (["original.png"] if original is not None else []) + [f["path"] for f in frames]
+    shown = [{"image": url(f"{image_dir}/{p}"), "caption": t.caption, "target_prob": t.target_prob}
+             for p, t in zip(paths, tiles)]
+    return {"strip": url(rel), "strip_t_skip": float(info["t_skip"]), "strip_size": list(strip.size),
+            "strip_frames": shown}
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # The whole run
 # --------------------------------------------------------------------------------------------------------------------
 def _load_summary(run_dir: Path, rows: List[Row]) -> Dict[str, object]:
+    """The summary recomputed from the rows (so an older run gets today's intervals, and the page agrees with its
+    figures), with what only summary.json knows (settings, class-mean geometry) kept."""
     path = run_dir / "summary.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    log.warning("%s: no summary.json (the run did not finish); summarising results.csv instead", run_dir)
-    return summarize(rows)
+    if not path.is_file():
+        log.warning("%s: no summary.json (the run did not finish); summarising results.csv alone", run_dir)
+    return {**(json.loads(path.read_text()) if path.is_file() else {}), **summarize(rows)}
 
 
 def write_views(run_dir: Path, frame_ms: int = DEFAULT_FRAME_MS, quiz_seed: int = QUIZ_SEED,
@@ -150,7 +179,10 @@ def write_views(run_dir: Path, frame_ms: int = DEFAULT_FRAME_MS, quiz_seed: int 
         card.update(strips[image_dir] or {})
     classes = run_classes(rows)
     title = " vs ".join(classes) or run_dir.resolve().name
+    check_views_options(run_dir, {"gif_frame_ms": frame_ms, "quiz_seed": quiz_seed})
     index_data = _index_data(run_dir, rows, cards, classes, frame_ms)
+    index_data["figures"] = [{"name": f["name"], "caption": f["caption"], "svg": url(f["svg"]), "png": url(f["png"])}
+                             for f in write_run_figures(run_dir, rows)]
     copies = OpaqueCopies(run_dir)
     quiz = quiz_data(run_dir, rows, cards, classes, quiz_seed, copies)
     atomic_write_text(run_dir / "index.html", render_page("index.html", f"{title}: counterfactual edits",

@@ -1,5 +1,5 @@
 """Images a person looks at: PNGs of originals, counterfactuals and side-by-side pairs, and the teaching views made
-from them (a flicker GIF, a difference map, an annotated interpolation strip).
+from them (a flicker GIF, a difference map, an interpolation strip whose captions the pages write in HTML).
 
 The teaching views read PNGs back from disk and never touch a model, so they can be remade for any finished run
 (``diffusion.views.gallery.write_views``). Every file is written atomically (a temporary file, then a rename).
@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from diffusion.files import atomic_save
 
@@ -134,7 +134,8 @@ def save_difference_map(original: Image.Image, counterfactual: Image.Image, path
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StripFrame:
-    """One tile of a strip: the image, its caption ("original", "eta 1.5") and the oracle's target probability."""
+    """One tile of a strip: the image, its caption ("original", "eta 1.5") and the oracle's target probability (the
+    page shows both under the frame)."""
 
     image: Image.Image
     caption: str
@@ -148,63 +149,26 @@ def _tile_size(width: int, smallest: int = 128, largest: int = 256) -> int:
     return min(width, largest)
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
-    """``text`` shortened with '...' until it fits ``width`` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
-
-
-def compose_strip(frames: Sequence[StripFrame], title: str, target_class: str) -> Image.Image:
-    """The frames side by side on white, each captioned with its eta and, when an oracle judged it, p(target) as a
-    number and a bar; ``title`` above. (H, W) of a tile follows :func:`_tile_size`."""
+def compose_strip(frames: Sequence[StripFrame], gap: Optional[int] = None) -> Image.Image:
+    """The frames side by side on white, no text (the pages caption each frame in HTML, readable at any width; a
+    caption drawn into pixels shrinks with the image). Tiles follow :func:`_tile_size`: small images are enlarged by
+    a whole factor with crisp pixels."""
     if not frames:
         raise ValueError("compose_strip needs at least one frame")
     w0, h0 = frames[0].image.size
     tile_w = _tile_size(w0)
     tile_h = round(h0 * tile_w / w0)
-    pad, gap = max(6, tile_w // 20), max(4, tile_w // 32)
-    font = _font(max(12, tile_w // 10))
-    line = font.getbbox("Ag")[3] + 4
-    bar_h = max(4, tile_w // 32)
-    caption_h = 2 * line + bar_h + 4
-    width = 2 * pad + len(frames) * tile_w + (len(frames) - 1) * gap
-    height = pad + line + 4 + tile_h + 4 + caption_h + pad
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((pad, pad), _fit(draw, title, font, width - 2 * pad), fill=(20, 20, 20), font=font)
-    top = pad + line + 4
+    gap = max(4, tile_w // 32) if gap is None else gap
+    canvas = Image.new("RGB", (len(frames) * tile_w + (len(frames) - 1) * gap, tile_h), "white")
     resample = Image.Resampling.NEAREST if tile_w >= w0 else Image.Resampling.LANCZOS
     for k, frame in enumerate(frames):
-        x = pad + k * (tile_w + gap)
-        canvas.paste(frame.image.convert("RGB").resize((tile_w, tile_h), resample), (x, top))
-        y = top + tile_h + 4
-        draw.text((x, y), _fit(draw, frame.caption, font, tile_w), fill=(20, 20, 20), font=font)
-        y += line
-        if frame.target_prob is None:
-            draw.text((x, y), _fit(draw, f"p({target_class}) n/a", font, tile_w), fill=(140, 140, 140), font=font)
-            continue
-        p = min(max(float(frame.target_prob), 0.0), 1.0)
-        draw.text((x, y), _fit(draw, f"p({target_class}) {p:.2f}", font, tile_w), fill=(20, 20, 20), font=font)
-        y += line
-        draw.rectangle((x, y, x + tile_w - 1, y + bar_h - 1), fill=(225, 225, 225))
-        if p > 0:
-            draw.rectangle((x, y, x + max(1, round(p * tile_w)) - 1, y + bar_h - 1), fill=(214, 98, 32))
+        canvas.paste(frame.image.convert("RGB").resize((tile_w, tile_h), resample), (k * (tile_w + gap), 0))
     return canvas
 
 
-def save_strip(frames: Sequence[StripFrame], title: str, target_class: str, path: str | Path) -> Image.Image:
+def save_strip(frames: Sequence[StripFrame], path: str | Path) -> Image.Image:
     """Write :func:`compose_strip` as PNG; returns the strip."""
-    strip = compose_strip(frames, title, target_class)
+    strip = compose_strip(frames)
     save_pil(strip, path)
     return strip
 

@@ -22,6 +22,17 @@
   function pct(value) {
     return value === null || value === undefined ? DASH : (100 * value).toFixed(0) + "%";
   }
+  // "95% CI 12" + DASH + "77%" for a [lo, hi] interval of a rate; "" without one
+  function rateCi(ci) {
+    return ci ? "95% CI " + (100 * ci[0]).toFixed(0) + DASH + (100 * ci[1]).toFixed(0) + "%" : "";
+  }
+  function meanCi(ci, digits) {
+    return ci ? "95% CI " + num(ci[0], digits) + DASH + num(ci[1], digits) : null;
+  }
+  function numCi(value, ci, digits) {
+    return num(value, digits) + (ci && value !== null && value !== undefined
+      ? " [" + num(ci[0], digits) + ", " + num(ci[1], digits) + "]" : "");
+  }
   function verdict(flipped) {
     if (flipped === true) return ["flipped", "flipped"];
     if (flipped === false) return ["not-flipped", "not flipped"];
@@ -44,7 +55,8 @@
   }
 
   function histogram(all, flipped) {
-    var keys = Object.keys(all || {});
+    // numeric order, mildest (largest) t_skip first: JavaScript lists integer-like keys ("0") before the others
+    var keys = Object.keys(all || {}).sort(function (a, b) { return Number(b) - Number(a); });
     if (!keys.length) return null;
     var most = Math.max.apply(null, keys.map(function (k) { return all[k]; }));
     var box = el("div", {className: "histogram"}, el("h3", {text: "Chosen t_skip (bar: all edits; dark: flipped)"}));
@@ -72,29 +84,43 @@
 
   function renderSummary() {
     var s = data.summary || {}, box = document.getElementById("summary");
+    var attempted = s.n_attempted === undefined ? s.n_rows : s.n_attempted;
     var flipNote = s.flip_rate === null || s.flip_rate === undefined ? "no oracle judged this run"
-      : s.n_flipped + " of " + s.n_rows + " edits";
+      : s.n_flipped + " of " + attempted + " attempted edits; " + rateCi(s.flip_rate_ci);
+    var judged = s.judge_flip_rate !== null && s.judge_flip_rate !== undefined;
     var grid = el("div", {className: "metrics"},
       metric("images", String(s.n_images)), metric("edits (rows)", String(s.n_rows)),
-      metric("flip rate", pct(s.flip_rate), flipNote),
-      metric("LPIPS (flipped)", num(s.lpips_mean)), metric("L2 (flipped)", num(s.l2_mean)),
-      metric("L2 (all edits)", num(s.l2_mean_all)), metric("mean t_skip", num(s.t_skip_mean, 2)),
-      metric("UNet evals / image", num(s.unet_evals_per_image, 0)),
+      metric(judged ? "flip rate (oracle)" : "flip rate", pct(s.flip_rate), flipNote),
+      judged ? metric("flip rate (judge)", pct(s.judge_flip_rate),
+                      s.n_judge_flipped + " of " + attempted + "; " + rateCi(s.judge_flip_rate_ci)) : null,
+      metric("LPIPS (flipped)", num(s.lpips_mean), meanCi(s.lpips_mean_ci, 3)),
+      metric("L2 (flipped)", num(s.l2_mean), meanCi(s.l2_mean_ci, 3)),
+      metric("L2 (all edits)", num(s.l2_mean_all), meanCi(s.l2_mean_all_ci, 3)),
+      metric("mean t_skip", num(s.t_skip_mean, 2), meanCi(s.t_skip_mean_ci, 2)),
+      metric("UNet evals / image", num(s.unet_evals_per_image, 0), meanCi(s.unet_evals_per_image_ci, 0)),
       metric("seconds / image", num(s.seconds_per_image, 1)));
     box.appendChild(grid);
+    if (s.note) box.appendChild(el("p", {className: "verdict-note", text: s.note}));
     var side = el("div", {className: "summary-detail"});
     var hist = histogram(s.t_skip_histogram, s.t_skip_histogram_flipped);
     if (hist) side.appendChild(hist);
     var dirs = s.per_direction || {};
     if (Object.keys(dirs).length) {
+      var head = ["direction", "edits", "flipped", "flip rate [95% CI]"];
+      if (judged) head.push("judge flip rate");
+      head = head.concat(["LPIPS", "L2 (flipped)", "mean t_skip"]);
       side.appendChild(el("div", {}, el("h3", {text: "Per direction"}),
-        table(["direction", "edits", "flipped", "flip rate", "LPIPS", "L2", "mean t_skip"],
-          Object.keys(dirs).map(function (k) {
-            var d = dirs[k];
-            return [k.replace("->", " " + ARROW + " "), String(d.n), String(d.n_flipped), pct(d.flip_rate),
-                    num(d.lpips_mean), num(d.l2_mean), num(d.t_skip_mean, 2)];
-          }))));
+        el("div", {className: "table-wrap"}, table(head, Object.keys(dirs).map(function (k) {
+          var d = dirs[k];
+          var row = [k.replace("->", " " + ARROW + " "), String(d.n), String(d.n_flipped),
+                     pct(d.flip_rate) + (d.flip_rate_ci ? " [" + pct(d.flip_rate_ci[0]) + ", " +
+                                         pct(d.flip_rate_ci[1]) + "]" : "")];
+          if (judged) row.push(pct(d.judge_flip_rate));
+          return row.concat([numCi(d.lpips_mean, d.lpips_mean_ci), numCi(d.l2_mean, d.l2_mean_ci),
+                             num(d.t_skip_mean, 2)]);
+        })))));
     }
+    if (s.intervals) side.appendChild(el("p", {className: "muted intervals-note", text: s.intervals}));
     box.appendChild(side);
     var settings = s.settings || {};
     var chips = el("div", {className: "chips"}, el("h3", {text: "Settings"}));
@@ -111,6 +137,26 @@
     chip("difference maps", "full scale = each image's " + data.diff_percentile + "th percentile of change");
     chip("GIF frame", data.frame_ms + " ms");
     box.appendChild(chips);
+  }
+
+  function renderFigures() {
+    var box = document.getElementById("figures"), figures = data.figures || [];
+    if (!figures.length) {
+      box.hidden = true;
+      return;
+    }
+    box.appendChild(el("h2", {text: "Figures"}));
+    var grid = el("div", {className: "figure-grid"});
+    figures.forEach(function (f) {
+      grid.appendChild(el("figure", {className: "run-figure", "data-name": f.name},
+        el("a", {href: f.svg}, el("img", {src: f.svg, alt: f.caption, decoding: "async"})),
+        el("figcaption", {}, f.caption + " ", el("a", {href: f.png, text: "PNG"}), " ",
+           el("a", {href: f.svg, text: "SVG"}))));
+    });
+    box.appendChild(grid);
+    box.appendChild(el("p", {className: "muted"}, "Every figure with its interval, one per line: ",
+      el("a", {href: "figures/figures.csv", text: "figures.csv"}), " (nested: ",
+      el("a", {href: "figures/figures.json", text: "figures.json"}), ")."));
   }
 
   function renderLinks() {
@@ -179,6 +225,26 @@
     return box;
   }
 
+  // The interpolation strip as HTML: each frame with its label and the oracle's p(target) under it, as text that
+  // stays readable at any width (the strip.png beside it has no text).
+  function stripView(card, look) {
+    var target = card.target_class, frames = el("div", {className: "strip-frames"});
+    card.strip_frames.forEach(function (f) {
+      var p = f.target_prob, known = p !== null && p !== undefined;
+      frames.appendChild(el("figure", {className: "strip-frame"},
+        img(f.image, f.caption, {px: card.pixelated, lazy: look.lazy, size: card.size}),
+        el("figcaption", {},
+           el("span", {className: "frame-label", text: f.caption}),
+           el("span", {className: "frame-prob", text: "p(" + target + ") " + (known ? num(p, 2) : "n/a")}),
+           known ? el("span", {className: "prob-track"},
+                      el("span", {className: "prob-fill", style: "width:" + (100 * p).toFixed(1) + "%"})) : null)));
+    });
+    return el("figure", {className: "strip"}, frames,
+      el("figcaption", {}, "Interpolation strip: the original, then the edit at every eta at t_skip " +
+         num(card.strip_t_skip, 2) + " (one inversion); under each frame the oracle's p(" + target + "). ",
+         card.strip ? el("a", {href: card.strip, text: "strip.png"}) : null));
+  }
+
   function renderCard(card, index) {
     var look = {px: card.pixelated, lazy: index >= EAGER_CARDS, size: card.size};
     var v = verdict(card.flipped);
@@ -201,12 +267,8 @@
          el("dt", {text: "UNet evals"}), el("dd", {text: num(card.unet_evals, 0)})));
     views.appendChild(facts);
     article.appendChild(views);
-    if (card.strip) {
-      var stripLook = {px: false, lazy: look.lazy, size: card.strip_size};
-      article.appendChild(el("figure", {className: "strip"}, img(card.strip, "interpolation strip", stripLook),
-        el("figcaption", {text: "Interpolation strip: the original, then the edit at every eta at t_skip " +
-          num(card.strip_t_skip, 2) + " (one inversion); under each frame the oracle's p(" + card.target_class +
-          ")"})));
+    if (card.strip_frames && card.strip_frames.length) {
+      article.appendChild(stripView(card, look));
     }
     return article;
   }
@@ -251,6 +313,7 @@
   document.getElementById("run-folder").textContent = "editing run " + data.folder;
   renderLinks();
   renderSummary();
+  renderFigures();
   data.directions.forEach(function (d) { dirSelect.appendChild(el("option", {value: d, text: d})); });
   if (!data.has_oracle) {
     flipSelect.disabled = true;
