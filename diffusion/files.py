@@ -191,3 +191,66 @@ def tensors_metadata(path: PathLike, fix: str) -> Dict[str, str]:
     except Exception as err:
         raise ArtefactError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0][:160]}); it is "
                             f"damaged or not one this project wrote. {fix}") from err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One run per folder
+# ----------------------------------------------------------------------------------------------------------------
+LOCK_NAME = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(folder: PathLike) -> Iterator[Path]:
+    """Hold ``folder/.lock`` while a run writes into ``folder``: a second run into the same folder is refused with a
+    BusyError naming the holder, instead of both doing all the work. A lock left by a process that no longer runs
+    (a kill -9, a power cut) on this machine is taken over with a warning."""
+    import logging
+    import socket
+    import time
+
+    from diffusion.errors import BusyError
+
+    folder = make_dirs(folder)
+    lock = folder / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text(encoding="utf-8") or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            pid, host = holder.get("pid"), holder.get("host")
+            if pid == me["pid"] and host == me["host"]:  # this process holds it already (a nested step): share it
+                yield lock
+                return
+            if attempt == 0 and host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
+                logging.getLogger(__name__).warning("%s: taking over the lock of a run that no longer exists (pid "
+                                                    "%s)", folder, pid)
+                with contextlib.suppress(OSError):
+                    lock.unlink()
+                continue
+            raise BusyError(f"{folder} is in use by another run (pid {pid} on {host}, since {holder.get('started')})"
+                            f": wait for it to finish, or use another output_dir. If no run uses it any more, delete "
+                            f"{lock}.") from None
+        except OSError as err:
+            raise output_error(lock, err, "create") from err
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(me))
+        break
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()

@@ -17,7 +17,6 @@ from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from diffusion.errors import ConfigError
 from diffusion.files import make_dirs, output_error
@@ -97,7 +96,9 @@ def restore_lora_weights(unet: UNet2DConditionModel, file: str | Path) -> None:
 
     Raises ConfigError when the file's tensors and the attached adapter's do not match one to one.
     """
-    state = load_file(str(file))
+    from diffusion.files import load_tensors
+
+    state = load_tensors(file, "Resume from another checkpoint (resume_from_checkpoint=latest skips damaged ones).")
     own = lora_state_dict(unet)
     extra, lacking = sorted(set(state) - set(own)), sorted(set(own) - set(state))
     wrong = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
@@ -114,7 +115,11 @@ def adapter_dir(path: str | Path, step: Optional[int] = None) -> Path:
     """The folder holding the adapter: ``path`` itself, or ``path/checkpoint-<step>``; errors list what exists."""
     base = Path(path)
     folder = base / f"checkpoint-{step}" if step is not None else base
-    if not (folder / WEIGHTS_NAME).is_file():
+    if (folder / WEIGHTS_NAME).is_file():
+        from diffusion.files import tensors_metadata
+
+        tensors_metadata(folder / WEIGHTS_NAME, "Retrain it, or use another checkpoint (lora.step).")
+    else:
         found = sorted(p.name for p in base.glob("checkpoint-*") if (p / WEIGHTS_NAME).is_file())
         raise ConfigError(
             f"lora: no {WEIGHTS_NAME} in {folder}. "

@@ -13,7 +13,7 @@ from diffusion.config import EmbedsConfig
 from diffusion.data import dataset_classes, make_loader, split_records
 from diffusion.embeddings import read_class_meta, save_class_embeds, tensor_rows
 from diffusion.errors import ArtefactError, EmbeddingsError
-from diffusion.files import relative_path
+from diffusion.files import relative_path, run_lock
 from diffusion.runinfo import stamp_run_dir
 from diffusion.models import ImageEncoder, decoder_image_size, load_image_encoder
 
@@ -83,8 +83,14 @@ def save_embeddings(cfg: EmbedsConfig, encoder: Optional[ImageEncoder] = None, s
     out = Path(cfg.output_dir)
     records_all = split_records(cfg.data, split, classes)  # listed (and checked) before any model loads
     size = decoder_image_size(cfg.model)
-    if stamp:
-        stamp_run_dir(cfg, has_results=lambda folder: any(folder.glob("*.safetensors")))
+    with run_lock(out):  # one run per folder (also when an editing run computes missing classes here)
+        if stamp:
+            stamp_run_dir(cfg, has_results=lambda folder: any(folder.glob("*.safetensors")))
+        return _embed_classes(cfg, classes, records_all, root, out, split, size, encoder)
+
+
+def _embed_classes(cfg: EmbedsConfig, classes: List[str], records_all, root: Path, out: Path, split: str,
+                   size: int, encoder: Optional[ImageEncoder]) -> Dict[str, Path]:
     written: Dict[str, Path] = {}
     for c in classes:
         records = [r for r in records_all if r.class_name == c]

@@ -9,6 +9,7 @@ result) accepts any new config, so fixing a typo and rerunning into the same fol
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import subprocess
@@ -87,18 +88,41 @@ def check_same_run(cfg: Any, folder: Path, has_results: bool) -> None:
         f"delete {folder} to start over.")
 
 
+def check_same_resolution(folder: Path, resolved: Dict[str, str], has_results: bool) -> None:
+    """Refuse to continue a folder whose results were computed with other resolved settings (``auto`` dtype means
+    float16 on a GPU and float32 on a CPU: the same config.yaml can mean two computations)."""
+    info_file = Path(folder) / "run_info.json"
+    if not has_results or not info_file.is_file():
+        return
+    try:
+        old = json.loads(info_file.read_text()).get("resolved") or {}
+    except (OSError, ValueError):
+        return  # a damaged run_info.json is rewritten; config.yaml is the record that decides
+    changed = {k: (old[k], v) for k, v in resolved.items() if k in old and old[k] != v}
+    if changed:
+        what = ", ".join(f"{k} {a} (this run: {b})" for k, (a, b) in changed.items())
+        raise ConfigError(f"{folder} holds results computed with {what}: continuing would mix them. Set the value "
+                          f"explicitly to match (e.g. model.dtype={next(iter(changed.values()))[0]}), or use a new "
+                          "output_dir.")
+
+
 def stamp_run_dir(cfg: Any, output_dir: Optional[str | Path] = None,
-                  has_results: Optional[Callable[[Path], bool]] = None, extra: Optional[Dict[str, Any]] = None) -> Path:
+                  has_results: Optional[Callable[[Path], bool]] = None, extra: Optional[Dict[str, Any]] = None,
+                  resolved: Optional[Dict[str, str]] = None) -> Path:
     """Create the run folder and write config.yaml (resolved) and run_info.json (seed, git commit, versions, argv,
-    and ``extra``, e.g. the resolved device and dtype).
+    ``resolved`` settings such as the dtype ``auto`` became, and ``extra``).
 
     ``has_results(folder)`` says whether the folder already holds results (default: it does once config.yaml
-    exists); see :func:`check_same_run` for what a resumed run may change.
+    exists); see :func:`check_same_run` for what a resumed run may change, :func:`check_same_resolution` for the
+    resolved settings.
     """
     out = Path(output_dir or cfg.output_dir)
     make_dirs(out)
     exists = (out / "config.yaml").is_file()
-    check_same_run(cfg, out, has_results(out) if has_results is not None else exists)
+    results = has_results(out) if has_results is not None else exists
+    check_same_run(cfg, out, results)
+    if resolved:
+        check_same_resolution(out, resolved, results)
     atomic_write_text(out / "config.yaml", to_yaml(cfg))
     info = {
         "seed": getattr(cfg, "seed", None),
@@ -107,6 +131,7 @@ def stamp_run_dir(cfg: Any, output_dir: Optional[str | Path] = None,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": package_versions(),
+        "resolved": resolved or {},
         **(extra or {}),
     }
     atomic_write_json(out / "run_info.json", info)

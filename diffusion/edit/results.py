@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Sequence, Set, Tuple
 
 from diffusion.errors import ArtefactError
-from diffusion.files import atomic_write_text, make_dirs
+from diffusion.files import atomic_write_text, make_dirs, output_error
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +149,13 @@ class ResultsWriter:
             writer.writeheader()
         for row in rows:
             writer.writerow({c: fmt(row.get(c)) for c in COLUMNS})
-        with open(self.path, "a", newline="") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a", newline="") as f:
+                f.write(buf.getvalue())
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:  # a full disk or a read-only folder: the rows written before are intact
+            raise output_error(self.path, err, "append results to") from err
 
 
 def _write_csv_atomic(path: Path, rows: Sequence[Dict[str, object]]) -> None:

@@ -8,6 +8,7 @@ across processes, each appends to its own shard, the main process merges them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,12 +24,12 @@ from tqdm.auto import tqdm
 from datasets.folder import ImageRecord
 from diffusion.config import EditConfig, SearchMode
 from diffusion.data import dataset_classes, make_loader, split_records
-from diffusion.devices import resolve_device
+from diffusion.devices import dtype_name, resolve_device, resolve_dtype
 from diffusion.edit.editor import Oracle
 from diffusion.edit.results import ResultsWriter, fmt, merge_shards, row_key
 from diffusion.embeddings import load_class_means, mean_geometry
 from diffusion.errors import ConfigError
-from diffusion.files import atomic_write_json, atomic_write_text, relative_path
+from diffusion.files import atomic_write_json, atomic_write_text, relative_path, run_lock
 from diffusion.metrics import Lpips, pixel_l2, summarize
 from diffusion.pipeline import ClassDirection, DIFFusionOutput, DIFFusionPipeline
 from diffusion.runinfo import stamp_run_dir
@@ -174,21 +175,25 @@ def run_edits(cfg: EditConfig, oracle: Optional[Oracle] = None,
     items = plan_items(cfg, classes)  # lists and checks the data before any model loads
     check_inputs(cfg, Classifiers(oracle, judge))
     out = Path(cfg.output_dir)
-    if state.is_main_process:  # a folder with no result yet (a run that failed early) accepts a corrected config
-        stamp_run_dir(cfg, has_results=lambda folder: bool(ResultsWriter.existing_keys(folder)))
-    state.wait_for_everyone()
-    writer = ResultsWriter(out, rank=state.process_index)
-    done = writer.done_keys()
-    pending = [it for it in items if not set(expected_keys(cfg, it)) <= done]
-    log.info("%d (image, target) pairs, %d already done, %d to do", len(items), len(items) - len(pending),
-             len(pending))
-    with state.split_between_processes(pending) as mine:
-        if mine:
-            _edit_items(cfg, list(mine), classes, writer, done, state, Classifiers(oracle, judge))
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return None
-    return finish_run(cfg)
+    device = _device(cfg, state)
+    resolved = {"dtype": dtype_name(resolve_dtype(cfg.model.dtype, device))}
+    with run_lock(out) if state.is_main_process else contextlib.nullcontext():  # one run per folder
+        if state.is_main_process:  # a folder with no result yet (a run that failed early) accepts a corrected config
+            stamp_run_dir(cfg, has_results=lambda folder: bool(ResultsWriter.existing_keys(folder)),
+                          resolved=resolved)
+        state.wait_for_everyone()
+        writer = ResultsWriter(out, rank=state.process_index)
+        done = writer.done_keys()
+        pending = [it for it in items if not set(expected_keys(cfg, it)) <= done]
+        log.info("%d (image, target) pairs, %d already done, %d to do", len(items), len(items) - len(pending),
+                 len(pending))
+        with state.split_between_processes(pending) as mine:
+            if mine:
+                _edit_items(cfg, list(mine), classes, writer, done, state, Classifiers(oracle, judge))
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return None
+        return finish_run(cfg, items)
 
 
 def _device(cfg: EditConfig, state) -> torch.device:
@@ -350,11 +355,18 @@ def _save_strips(cfg: EditConfig, pipe: DIFFusionPipeline, inv, items: List[Edit
         atomic_write_text(out / it.out_dir / "strip.json", json.dumps(info, indent=1))
 
 
-def finish_run(cfg: EditConfig) -> Dict[str, object]:
-    """Merge the shards into results.csv and write summary.json (main process)."""
+def finish_run(cfg: EditConfig, items: Optional[List[EditItem]] = None) -> Dict[str, object]:
+    """Merge the shards into results.csv and write summary.json (main process). ``items``: every planned item; those
+    with no row after a complete pass were left out as unreadable (data.on_bad_file: skip) and are listed."""
     out = Path(cfg.output_dir)
     rows = merge_shards(out)
     summary = summarize(rows)
+    if items is not None:
+        with_rows = {r["source_path"] for r in rows}
+        summary["skipped_files"] = sorted({it.rel_path for it in items} - with_rows)
+        if summary["skipped_files"]:
+            log.warning("%d unreadable image(s) left out (data.on_bad_file: skip), listed in summary.json: %s",
+                        len(summary["skipped_files"]), ", ".join(summary["skipped_files"][:5]))
     summary["settings"] = {
         "search": cfg.search.value, "eta": list(cfg.eta), "guidance_scale": cfg.guidance_scale,
         "num_inference_steps": cfg.num_inference_steps, "inversion": cfg.inversion.value,

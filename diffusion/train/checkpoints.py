@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from diffusion.config import LoraTrainConfig, config_dict, result_keys_changed
-from diffusion.errors import CheckpointError, ConfigError
-from diffusion.files import fsync_files
+from diffusion.errors import ArtefactError, CheckpointError, ConfigError
+from diffusion.files import fsync_files, load_tensors, read_json
 from diffusion.lora import WEIGHTS_NAME, restore_lora_weights, save_lora
 
 log = logging.getLogger(__name__)
@@ -43,33 +43,62 @@ def list_checkpoints(output_dir: str | Path) -> List[Tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume(cfg: LoraTrainConfig) -> Optional[Path]:
-    """The checkpoint to continue from: the newest one for ``latest`` (None when there is none yet), or the path.
+def checkpoint_problem(folder: Path) -> Optional[str]:
+    """Why a checkpoint folder cannot be resumed from (a damaged or foreign file), or None when it is intact."""
+    from diffusion.files import read_json, tensors_metadata
 
-    Raises ConfigError for a path that is not a complete checkpoint, and when output_dir holds checkpoints but
-    resume_from_checkpoint is null (a fresh run would overwrite and prune them).
+    try:
+        state = read_json(folder / STATE_NAME, "")
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or "global_step" not in state:
+            return f"{folder / STATE_NAME} is not a training state of format {STATE_FORMAT}"
+        for name in (WEIGHTS_NAME, OPTIMIZER_NAME):
+            tensors_metadata(folder / name, "")
+        for rng in folder.glob("rng_state_*.safetensors"):
+            tensors_metadata(rng, "")
+    except ArtefactError as err:
+        return str(err).split(". ")[0].strip()
+    return None
+
+
+def resolve_resume(cfg: LoraTrainConfig) -> Optional[Path]:
+    """The checkpoint to continue from: for ``latest`` the newest intact one (a damaged newer one is skipped with a
+    warning; None when there is none yet), or the given path.
+
+    Raises ConfigError for a path that is not a complete, intact checkpoint, and when output_dir holds checkpoints
+    but resume_from_checkpoint is null (a fresh run would overwrite and prune them).
     """
     existing = list_checkpoints(cfg.output_dir)
     if cfg.resume_from_checkpoint is None:
         if existing:
             raise ConfigError(
                 f"output_dir {cfg.output_dir} already holds checkpoints ({', '.join(p.name for _, p in existing[-3:])}"
-                "). Set resume_from_checkpoint=latest to continue that run, or use a new output_dir."
-            )
+                "). Set resume_from_checkpoint=latest to continue that run, or use a new output_dir.",
+                key="resume_from_checkpoint")
         return None
     if cfg.resume_from_checkpoint == "latest":
         if not existing:
             log.info("resume_from_checkpoint: latest, but %s holds no checkpoint yet: starting a new run",
                      cfg.output_dir)
             return None
-        return existing[-1][1]
+        for step, path in reversed(existing):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            log.warning("%s is damaged (%s): resuming from the previous complete checkpoint instead", path.name,
+                        problem)
+        raise ConfigError(f"every checkpoint in {cfg.output_dir} is damaged ({', '.join(p.name for _, p in existing)}"
+                          "): delete them to start over, or use a new output_dir", key="resume_from_checkpoint")
     path = Path(cfg.resume_from_checkpoint)
     if not (path / STATE_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
         what = "does not exist" if not path.exists() else f"is not a complete checkpoint (no {STATE_NAME})"
         raise ConfigError(
             f"resume_from_checkpoint: {path} {what}. Complete checkpoints in {cfg.output_dir}: "
-            f"{', '.join(p.name for _, p in existing) or '(none)'}; or use resume_from_checkpoint=latest."
-        )
+            f"{', '.join(p.name for _, p in existing) or '(none)'}; or use resume_from_checkpoint=latest.",
+            key="resume_from_checkpoint")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ConfigError(f"resume_from_checkpoint: {path} is damaged ({problem}). Resume from an earlier one, or use "
+                          "resume_from_checkpoint=latest, which skips damaged checkpoints", key="resume_from_checkpoint")
     return path
 
 
@@ -171,7 +200,8 @@ def save_checkpoint(accelerator, unet, optimizer, lr_scheduler, step: int, cfg: 
 def read_training_state(folder: Path, cfg: LoraTrainConfig) -> dict:
     """The checkpoint's training state, checked against ``cfg`` before any model loads: only run-control keys
     (LoraTrainConfig.RUN_CONTROL_KEYS) may differ, or the resumed run would not continue the same computation."""
-    state = json.loads((folder / STATE_NAME).read_text())
+    state = read_json(folder / STATE_NAME, "Resume from another checkpoint (resume_from_checkpoint=latest skips "
+                                           "damaged ones).")
     if state.get("format") != STATE_FORMAT:
         raise ConfigError(f"{folder}: training state format {state.get('format')} is not {STATE_FORMAT}")
     changed = result_keys_changed(LoraTrainConfig, state["config"], config_dict(cfg))
@@ -194,14 +224,15 @@ def load_checkpoint(folder: Path, state: dict, accelerator, unet, optimizer, lr_
     if state["data_files"] != files_digest(data_files):
         log.warning("the training images differ from those of checkpoint %s: the run continues on the current ones",
                     folder)
+    fix = "Resume from another checkpoint (resume_from_checkpoint=latest skips damaged ones)."
     restore_lora_weights(accelerator.unwrap_model(unet), folder / WEIGHTS_NAME)
-    optimizer.load_state_dict(_optimizer_state(load_file(str(folder / OPTIMIZER_NAME)), state["optimizer"]))
+    optimizer.load_state_dict(_optimizer_state(load_tensors(folder / OPTIMIZER_NAME, fix), state["optimizer"]))
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if accelerator.scaler is not None and state["grad_scaler"] is not None:
         accelerator.scaler.load_state_dict(state["grad_scaler"])
     rng = folder / f"rng_state_{accelerator.process_index}.safetensors"
     if rng.is_file():
-        _set_rng_state(load_file(str(rng)))
+        _set_rng_state(load_tensors(rng, fix))
     return int(state["global_step"])
 
 

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from diffusion.config import DType, LoraTrainConfig, MixedPrecision, ReportTo, config_dict
 from diffusion.data import dataset_classes, split_records
-from diffusion.devices import resolve_device, resolve_dtype
+from diffusion.devices import dtype_name, resolve_device, resolve_dtype
 from diffusion.errors import CheckpointError, ConfigError, RunInterrupted
+from diffusion.files import run_lock
 from diffusion.lora import WEIGHTS_NAME, add_lora, save_lora
 from diffusion.models import Decoder, check_embed_dim, load_decoder, load_image_encoder, optimize_unet
 from diffusion.runinfo import stamp_run_dir
@@ -160,6 +161,13 @@ class LoraTrainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.global_step = 0
+        self._lock = None
+
+    def close(self) -> None:
+        """Release the output folder's lock (a no-op on other processes and when setup never took it)."""
+        if self._lock is not None:
+            self._lock.__exit__(None, None, None)
+            self._lock = None
 
     # --- setup: data and resume checks first (seconds), then the models ---------------------------------------------
     def setup(self) -> None:
@@ -175,7 +183,10 @@ class LoraTrainer:
         self.resume_from = resolve_resume(cfg)
         self.resume_state = read_training_state(self.resume_from, cfg) if self.resume_from is not None else None
         if acc.is_main_process:
-            stamp_run_dir(cfg, has_results=lambda out: bool(list_checkpoints(out)))
+            self._lock = run_lock(self.out)  # one run per folder; released by close()
+            self._lock.__enter__()
+            stamp_run_dir(cfg, has_results=lambda out: bool(list_checkpoints(out)),
+                          resolved={"weights_dtype": dtype_name(weight_dtype(cfg, acc.device))})
         acc.wait_for_everyone()
         from accelerate.utils import set_seed
 
@@ -362,10 +373,13 @@ def train_lora(cfg: LoraTrainConfig, interrupt: bool = True) -> TrainResult:
     and read ``TrainResult.stopped_early``.
     """
     trainer = LoraTrainer(cfg)
-    trainer.setup()
-    trainer.resume()
-    trainer.log_header()
-    result = trainer.run()
+    try:
+        trainer.setup()
+        trainer.resume()
+        trainer.log_header()
+        result = trainer.run()
+    finally:
+        trainer.close()
     if result.stopped_early and interrupt:
         raise RunInterrupted(
             f"stopped at step {result.global_step} of {cfg.max_train_steps}: checkpoint-{result.global_step} is in "
