@@ -56,12 +56,19 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     path = Path(path)
     make_dirs(path.parent)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
+    with _removed_on_failure(tmp, path):
         yield tmp
         os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(tmp: Path, target: Path) -> Iterator[None]:
+    """Remove the temporary ``tmp`` when the block fails; an OSError becomes an OutputError naming ``target``."""
+    try:
+        yield
     except OSError as err:
         _remove(tmp)
-        raise output_error(path, err) from err
+        raise output_error(target, err) from err
     except BaseException:
         _remove(tmp)
         raise
@@ -111,7 +118,7 @@ def atomic_dir(path: PathLike, replace: bool = True) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     except OSError as err:
         raise output_error(path, err, "create folder") from err
-    try:
+    with _removed_on_failure(tmp, path):
         yield tmp
         fsync_files(tmp)
         if path.exists() and replace:
@@ -122,12 +129,6 @@ def atomic_dir(path: PathLike, replace: bool = True) -> Iterator[Path]:
             _remove(trash)
         else:
             os.rename(tmp, path)
-    except OSError as err:
-        _remove(tmp)
-        raise output_error(path, err) from err
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 def fsync_files(folder: Path) -> None:
