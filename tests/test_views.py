@@ -500,3 +500,27 @@ def test_gallery_histogram_lists_t_skip_in_numeric_order_in_chromium(tmp_path):
         keys = page.locator(".hist-key").all_inner_texts()
         browser.close()
     assert keys == ["1", "0.97", "0.5", "0"]
+
+
+def test_views_record_their_options_and_new_ones_are_logged_or_kept(tmp_path, caplog):
+    import importlib.util
+    import logging
+
+    from diffusion.views.gallery import views_options
+
+    run_dir = _hand_made_run(tmp_path / "run", ["0.5", "0"])
+    write_views(run_dir, frame_ms=300)
+    assert views_options(run_dir)["gif_frame_ms"] == 300
+    with caplog.at_level(logging.WARNING):
+        write_views(run_dir, frame_ms=300)
+        assert "re-rendering" not in caplog.text
+        write_views(run_dir, frame_ms=500)  # e.g. a resumed run with another views.gif_frame_ms
+        assert "re-rendering every view with new options (gif_frame_ms 300 -> 500)" in caplog.text
+    spec = importlib.util.spec_from_file_location("make_views", REPO / "scripts" / "make_views.py")
+    make_views = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_views)
+    assert make_views.main([str(run_dir)]) == 0  # no --frame_ms: the options the views were made with stay
+    assert views_options(run_dir)["gif_frame_ms"] == 500
+    assert make_views.main([str(run_dir), "--frame_ms", "250"]) == 0
+    assert views_options(run_dir)["gif_frame_ms"] == 250 and "500 -> 250" in caplog.text
+
