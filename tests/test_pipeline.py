@@ -135,3 +135,14 @@ def test_a_schema_object_can_never_hold_an_invalid_value():
     assert cfg.guidance_scale == 4.0  # the refused assignment left the object as it was
     with pytest.raises(ConfigError, match="model.device"):
         cfg.model.device = "gpu0"
+
+
+@pytest.mark.slow
+def test_the_documented_example_runs_offline(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "docs/example_api.py", "--out", str(tmp_path / "out")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no inversion step recomputed" in proc.stdout and len(list((tmp_path / "out").glob("*.png"))) == 10
