@@ -100,9 +100,24 @@ class StudyArm(Mode):
 
 
 class Architecture(Mode):
-    resnet18 = "resnet18"
+    """A classifier member's network (diffusion/oracle/nets.py)."""
+
+    resnet18 = "resnet18"  # torchvision CNNs, ImageNet weights or random init
     efficientnet_b0 = "efficientnet_b0"
     mobilenet_v2 = "mobilenet_v2"
+    lenet = "lenet"  # small nets for small images, random init: LeNet-5
+    small_vgg = "small_vgg"  # three 3x3 conv + BatchNorm blocks
+    mlp = "mlp"  # two hidden layers on the pixels
+    logistic = "logistic"  # logistic regression on the pixels
+
+
+SMALL_ARCHITECTURES = (Architecture.lenet, Architecture.small_vgg, Architecture.mlp, Architecture.logistic)
+
+
+class Augment(Mode):
+    flip_scale = "flip_scale"  # random mirror and zoom (photos: a mirrored cat is a cat)
+    affine = "affine"  # small shifts, rotations and zooms, no mirror (digits, text: a mirrored 3 is no 3)
+    none = "none"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -486,9 +501,11 @@ class ClassifierConfig(Schema):
                            factory=DataConfig)
     kind: OracleKind = opt(OracleKind.ensemble, "ensemble (CNNs) or clip_probe (linear head on open_clip features)")
     architectures: List[Architecture] = opt(
-        help="kind ensemble: the CNNs, one member each",
+        help="kind ensemble: the networks, one member each",
         factory=lambda: [Architecture.resnet18, Architecture.efficientnet_b0, Architecture.mobilenet_v2])
-    pretrained: bool = opt(True, "kind ensemble: ImageNet init from torchvision (downloaded once); false = random")
+    pretrained: bool = opt(True, "kind ensemble: ImageNet init from torchvision (downloaded once; resnet18, "
+                                 "efficientnet_b0, mobilenet_v2 only); false = random")
+    augment: Augment = opt(Augment.flip_scale, "kind ensemble: training augmentation (affine for digits and text)")
     image_size: int = opt(224, "kind ensemble: the CNNs' input size (clip_probe uses CLIP's own)", gt=0)
     clip_model: str = opt("ViT-B-32", "kind clip_probe: an open_clip model name")
     clip_pretrained: Optional[str] = opt("laion2b_s34b_b79k", "kind clip_probe: open_clip tag or weights file; null "
@@ -500,8 +517,9 @@ class ClassifierConfig(Schema):
     val_fraction: float = opt(0.1, "share of each class's train images held out for validation", gt=0, lt=1)
     max_train_per_class: Optional[int] = opt(1000, "train images per class at most; null = all not in validation",
                                              gt=0)
-    train_part: Optional[List[int]] = opt(None, "[k, n]: train on part k of n disjoint, seeded parts of the train "
-                                                "split (an independent judge trains on another part); null = all")
+    train_part: Optional[List[int]] = opt(None, "[k, n]: train and validate on part k of n disjoint parts of each "
+                                                "class's train images (a fixed shuffle, the same whatever the seed; "
+                                                "an independent judge takes another k); null = all")
     min_accuracy: float = opt(0.75, "a member whose validation accuracy is below this is not written (the test "
                                     "split is never used to decide)", ge=0, le=1)
     device: str = opt("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps")
@@ -517,6 +535,11 @@ class ClassifierConfig(Schema):
                   "names one class: a classifier needs two or more (or none for the dataset's)")
         self.need(self.train_part is None or (len(self.train_part) == 2 and 0 <= self.train_part[0] < self.train_part[1]),
                   "train_part", "must be [k, n] with 0 <= k < n, or null")
+        small = [str(a) for a in self.architectures if a in SMALL_ARCHITECTURES]
+        self.need(self.kind != OracleKind.ensemble or not (self.pretrained and small), "pretrained",
+                  f"but {small} have no pretrained weights: set pretrained: false (random init), or use "
+                  "only resnet18 / efficientnet_b0 / mobilenet_v2")
+        self.need("lenet" not in small or self.image_size >= 16, "image_size", "must be at least 16 for lenet")
         self.need(check_device(self.device), "device", "must be auto, cpu, cuda, cuda:N or mps")
         self.need(self.save_dtype in (DType.float32, DType.float16), "save_dtype", "must be float32 or float16")
 

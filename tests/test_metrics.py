@@ -155,6 +155,9 @@ def test_first_flip_run_with_an_oracle_folder_writes_flip_rates_and_lpips(tmp_pa
         member = Member(build_cnn(architecture, pretrained=False), 24, IMAGENET_MEAN, IMAGENET_STD)
         save_member(oracle_dir, member, MemberInfo(architecture, ["class_a", "class_b"], 24, list(IMAGENET_MEAN),
                                                    list(IMAGENET_STD)))
+    # the accuracy record an oracle folder must hold (random members: chance accuracy)
+    (oracle_dir / "test_metrics.json").write_text(json.dumps(
+        {"split": "test", "n": 6, "accuracy": {"mobilenet_v2": 0.5, "resnet18": 0.5, "ensemble": 0.5}}))
     monkeypatch.setattr(edit_run, "Lpips", lambda device: Lpips(device, random_backbone=True))  # offline
     overrides = {
         "output_dir": tmp_path / "run", "embeds_dir": tmp_path / "embeds", "compute_missing_embeds": "true",
