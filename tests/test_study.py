@@ -179,6 +179,16 @@ def test_split_with_too_few_images_uses_what_there_is_and_says_so():
                         for r in getattr(missing["a"], part)}
 
 
+def test_a_run_without_any_verdict_teaches_with_its_edits_and_says_they_are_unverified():
+    rows = [_row(f"{c}{i}", c, "b" if c == "a" else "a", "") for c in "ab" for i in range(4)]
+    cfg = StudyConfig(pretest_images=1, lesson_images=2, posttest_images=1)
+    plans = study_split(rows, cfg, lambda rel: True)
+    assert all(len(plans[c].lesson) == 2 for c in "ab")
+    notes = shortfall_notes(plans, ["a", "b"], cfg, None)
+    assert notes == ["No oracle or judge verdicts in results.csv: the lesson's edits are not known to reach the "
+                     "other class."]
+
+
 def test_old_run_folders_get_the_defaults_and_bad_settings_name_the_file(tmp_path):
     assert run_study_config(tmp_path) == StudyConfig()  # no config.yaml at all
     (tmp_path / "config.yaml").write_text("seed: 0\nviews:\n  gif_frame_ms: 300\n")  # an older run: no views.study
