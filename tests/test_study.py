@@ -362,14 +362,14 @@ def _do_study(page, run_dir: Path, pid: str, data: dict, right: dict, lesson_see
 
 
 @pytest.mark.slow
-def test_two_participants_complete_the_study_and_the_analysis_reports_their_scores(study_run, tmp_path):
+def test_participants_in_every_arm_complete_the_study_and_the_analysis_reports_their_scores(study_run, tmp_path):
     from playwright.sync_api import sync_playwright
 
     run_dir, _, data = study_run
     truth = truth_of(data)
     arms = data["arms"]
     pids = {arm: next(str(k) for k in range(1, 10) if participant_arm(str(k), arms, data["seed"]) == arm)
-            for arm in ("counterfactual", "examples")}
+            for arm in arms}
     n_lesson = len(data["lesson"])
 
     def lesson_check(arm):
@@ -377,17 +377,20 @@ def test_two_participants_complete_the_study_and_the_analysis_reports_their_scor
             if arm == "examples":  # real images only, grouped by class, as many as the counterfactual arm's pairs
                 assert page.locator(".lesson-pair").count() == 0
                 assert page.locator(".example-row img").count() == n_lesson
-            else:
+            else:  # original, edit, flicker (and the difference map)
                 assert page.locator(".lesson-pair").count() == n_lesson
-                assert page.locator(".lesson-pair img").count() == 3 * n_lesson  # original, edit, flicker
+                per_pair = 4 if arm == "counterfactual_diff" else 3
+                assert page.locator(".lesson-pair img").count() == per_pair * n_lesson
         return check
 
-    # counterfactual: 2 of 6 right before, 6 of 6 after; examples: 3 of 6 before, 4 of 6 after
+    # counterfactual: 2 of 6 right before, 6 of 6 after; examples: 3 of 6 before, 4 of 6 after; with the
+    # difference map: 3 of 6, then 5 of 6
     right = {
         "counterfactual": {"pretest": lambda k: k < 2, "posttest": lambda k: True},
         "examples": {"pretest": lambda k: k % 2 == 0, "posttest": lambda k: k < 4},
+        "counterfactual_diff": {"pretest": lambda k: k >= 3, "posttest": lambda k: k != 0},
     }
-    expected = {"counterfactual": (2 / 6, 1.0), "examples": (3 / 6, 4 / 6)}
+    expected = {"counterfactual": (2 / 6, 1.0), "examples": (3 / 6, 4 / 6), "counterfactual_diff": (3 / 6, 5 / 6)}
     downloads = tmp_path / "downloads"
     downloads.mkdir()
     errors, requests, files = [], [], {}
@@ -400,7 +403,7 @@ def test_two_participants_complete_the_study_and_the_analysis_reports_their_scor
             files[arm] = _do_study(page, run_dir, pids[arm], data, right[arm], lesson_check(arm), downloads)
         # the organiser's page collects both sessions from this browser
         page.goto((run_dir / "study.html").as_uri() + "?results=all")
-        assert page.locator("#collect-table tbody tr").count() == 2
+        assert page.locator("#collect-table tbody tr").count() == len(right)
         with page.expect_download() as download:
             page.click("#download-all")
         combined = downloads / "all.csv"
@@ -429,13 +432,15 @@ def test_two_participants_complete_the_study_and_the_analysis_reports_their_scor
 
     from diffusion.study import analyze as analyse_rows
 
-    result = analyse_rows(read_answers([files["counterfactual"], files["examples"]]), resamples=300,
-                          permutations=300)
+    result = analyse_rows(read_answers(list(files.values())), resamples=300, permutations=300)
     for arm, (pre, post) in expected.items():
         assert result["arms"][arm]["pretest"]["mean"] == pytest.approx(pre)
         assert result["arms"][arm]["posttest"]["mean"] == pytest.approx(post)
         assert result["arms"][arm]["gain"]["mean"] == pytest.approx(post - pre)
-    (comparison,) = result["comparisons"]
-    assert comparison["gain_difference"] == pytest.approx((1 - 2 / 6) - (4 / 6 - 3 / 6))
+    gains = {arm: post - pre for arm, (pre, post) in expected.items()}
+    assert [(c["arm"], c["versus"]) for c in result["comparisons"]] == [
+        ("counterfactual", "counterfactual_diff"), ("counterfactual", "examples"), ("counterfactual_diff", "examples")]
+    for c in result["comparisons"]:
+        assert c["gain_difference"] == pytest.approx(gains[c["arm"]] - gains[c["versus"]])
     again = analyse_rows(read_answers([combined, files["examples"]]), resamples=300, permutations=300)
     assert again["arms"] == result["arms"]  # the combined file holds the same answers; duplicates count once
