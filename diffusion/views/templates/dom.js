@@ -1,4 +1,4 @@
-// Shared by gallery.js and quiz.js (diffusion/gallery.py inlines it before each page's script).
+// Shared by every page's script (gallery.js, quiz.js, study.js): diffusion/views/pages.py inlines it first.
 "use strict";
 
 // el("div", {className: "card", text: "..."}, child, ...): an element with attributes (null/false ones left out;
