@@ -89,7 +89,7 @@ class ReportTo(Mode):
 
 
 class OracleKind(Mode):
-    ensemble = "ensemble"  # one CNN per entry of architectures
+    ensemble = "ensemble"  # one network per entry of architectures
     clip_probe = "clip_probe"  # a linear head on frozen open_clip image features
 
 
@@ -489,7 +489,7 @@ class LoraTrainConfig(Schema):
 class ClassifierConfig(Schema):
     """scripts/train_classifiers.py: a classifier folder (the editing run's oracle_dir or judge_dir).
 
-    ``kind: ensemble`` trains one CNN per entry of ``architectures``; ``kind: clip_probe`` a linear head on frozen
+    ``kind: ensemble`` trains one network per entry of ``architectures``; ``kind: clip_probe`` a linear head on frozen
     open_clip image features (an oracle independent of the CNNs). Both train on ``data.train_split`` minus a seeded
     validation share, and report accuracy on ``data.eval_split`` (the images that get edited) only as a test set.
     """
@@ -499,14 +499,14 @@ class ClassifierConfig(Schema):
     seed: int = opt(0, "the validation split, weight init, shuffling and augmentation")
     data: DataConfig = opt(help="the dataset; every class of data.classes is one output of the classifier",
                            factory=DataConfig)
-    kind: OracleKind = opt(OracleKind.ensemble, "ensemble (CNNs) or clip_probe (linear head on open_clip features)")
+    kind: OracleKind = opt(OracleKind.ensemble, "ensemble (networks) or clip_probe (linear head on open_clip features)")
     architectures: List[Architecture] = opt(
         help="kind ensemble: the networks, one member each",
         factory=lambda: [Architecture.resnet18, Architecture.efficientnet_b0, Architecture.mobilenet_v2])
     pretrained: bool = opt(True, "kind ensemble: ImageNet init from torchvision (downloaded once; resnet18, "
                                  "efficientnet_b0, mobilenet_v2 only); false = random")
     augment: Augment = opt(Augment.flip_scale, "kind ensemble: training augmentation (affine for digits and text)")
-    image_size: int = opt(224, "kind ensemble: the CNNs' input size (clip_probe uses CLIP's own)", gt=0)
+    image_size: int = opt(224, "kind ensemble: the networks' input size (clip_probe uses CLIP's own)", gt=0)
     clip_model: str = opt("ViT-B-32", "kind clip_probe: an open_clip model name")
     clip_pretrained: Optional[str] = opt("laion2b_s34b_b79k", "kind clip_probe: open_clip tag or weights file; null "
                                                                "= random (tests)")
