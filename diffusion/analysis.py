@@ -175,15 +175,17 @@ def sweep_cells(rows: Sequence[Row]) -> List[Dict[str, object]]:
 # --------------------------------------------------------------------------------------------------------------------
 # Figures of a searched run
 # --------------------------------------------------------------------------------------------------------------------
-def distribution(values: Sequence[Optional[float]]) -> Dict[str, object]:
-    """n, mean with its bootstrap interval, min, quartiles, max and the values themselves (for histograms); the
-    statistics are None when there is no value."""
-    vals = sorted(v for v in values if v is not None and math.isfinite(v))
+def distribution(values: Sequence[Optional[float]], mean_ci: Optional[List[float]] = None) -> Dict[str, object]:
+    """n, mean with its bootstrap interval (``mean_ci``, else a bootstrap of ``values`` in their order, one value per
+    image), min, quartiles, max and the sorted values (for histograms); the statistics are None without values."""
+    given = [v for v in values if v is not None and math.isfinite(v)]
+    vals = sorted(given)
     if not vals:
         return {"n": 0, "mean": None, "mean_ci": None, "min": None, "q25": None, "median": None, "q75": None,
                 "max": None, "values": []}
     q = np.quantile(np.asarray(vals, dtype=np.float64), [0.25, 0.5, 0.75])
-    return {"n": len(vals), "mean": float(np.mean(vals)), "mean_ci": as_list(bootstrap_mean_interval(vals)),
+    ci = mean_ci if mean_ci is not None else as_list(bootstrap_mean_interval(given))
+    return {"n": len(vals), "mean": float(np.mean(given)), "mean_ci": ci,
             "min": vals[0], "q25": float(q[0]), "median": float(q[1]), "q75": float(q[2]), "max": vals[-1],
             "values": vals}
 
@@ -211,9 +213,10 @@ def searched_tables(rows: Sequence[Row]) -> Dict[str, Dict[str, object]]:
         tried = attempted(group)
         flips = [r for r in tried if is_flip(r)]
         distance = {}
-        for column in ("lpips", "l2"):
-            distance[column] = distribution([as_number(r.get(column)) for r in tried])
-            distance[f"{column}_flipped"] = distribution([as_number(r.get(column)) for r in flips])
+        for column in ("lpips", "l2"):  # intervals over images, as the summary's (an image may have several rows)
+            distance[column] = distribution([as_number(r.get(column)) for r in tried], mean_interval(tried, column)[1])
+            distance[f"{column}_flipped"] = distribution([as_number(r.get(column)) for r in flips],
+                                                         mean_interval(flips, column)[1])
         out[direction] = {"n_attempted": len(tried), **flip_figures(tried), "t_skip": t_skip_distribution(group),
                           "distance": distance, "unet_evals": distribution(list(evals_per_image(group).values()))}
     return out

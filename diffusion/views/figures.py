@@ -32,13 +32,16 @@ SeriesData = Dict[str, object]
 # --------------------------------------------------------------------------------------------------------------------
 # Plumbing
 # --------------------------------------------------------------------------------------------------------------------
-def _grid(n_rows: int, n_cols: int, title: str):
-    """(figure, axes[r][c]) with shared axes, sized per panel."""
+def _grid(n_directions: int, n_series: int, title: str):
+    """(figure, axes[direction][series]) with shared axes, sized per panel: a row per direction and a column per
+    series, or the directions side by side when there is one series (a compact figure for one run)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(PANEL[0] * n_cols, PANEL[1] * n_rows + 0.5), layout="constrained")
-    axes = fig.subplots(n_rows, n_cols, sharex=True, sharey=True, squeeze=False)
+    n_rows, n_cols = (1, n_directions) if n_series == 1 else (n_directions, n_series)
+    fig = Figure(figsize=(max(6.0, PANEL[0] * n_cols), PANEL[1] * n_rows + 0.6), layout="constrained")
+    grid = fig.subplots(n_rows, n_cols, sharex=True, sharey=True, squeeze=False)
     fig.suptitle(title, fontsize=11)
+    axes = [[grid[0][d]] for d in range(n_directions)] if n_series == 1 else [list(row) for row in grid]
     return fig, axes
 
 
@@ -60,9 +63,9 @@ def _save(fig, out_dir: Path, name: str) -> Dict[str, str]:
 def _eta_colours(etas: Sequence[float]) -> Dict[float, Tuple[float, float, float, float]]:
     from matplotlib import colormaps
 
-    cmap = colormaps["viridis"]
+    cmap = colormaps["plasma"]  # ordered like eta, and its ends stay apart from each other and from white
     ordered = sorted(set(etas))
-    return {e: cmap(0.1 + 0.75 * (k / max(1, len(ordered) - 1))) for k, e in enumerate(ordered)}
+    return {e: cmap(0.8 * (k / max(1, len(ordered) - 1))) for k, e in enumerate(ordered)}
 
 
 def _directions(series: Sequence[SeriesData], table: str) -> List[str]:
@@ -90,10 +93,18 @@ def _label_panels(axes, series: Sequence[SeriesData], directions: Sequence[str],
             where = "all directions" if direction == ALL else direction.replace("->", " to ")
             ax.set_title(where if len(series) == 1 else f"{s['label']}, {where}", fontsize=9)
             ax.grid(True, alpha=0.3)
-            if r == len(directions) - 1:
+            if ax.get_subplotspec().is_last_row():
                 ax.set_xlabel(xlabel, fontsize=9)
-            if c == 0:
+            if ax.get_subplotspec().is_first_col():
                 ax.set_ylabel(ylabel, fontsize=9)
+
+
+def _integer_counts(fig) -> None:
+    """Whole-number ticks on the count axis of a histogram."""
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in fig.axes:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _cells(s: SeriesData, direction: str, eta: float) -> List[Dict[str, object]]:
@@ -161,7 +172,7 @@ def tradeoff_figure(series: Sequence[SeriesData]):
     column, label = _distance(series)
     etas = sorted({c["eta"] for s in series for c in s["sweep"]})  # type: ignore[union-attr]
     colours = _eta_colours(etas)
-    fig, axes = _grid(1, len(series), "Flip rate against change: one point per (eta, t_skip); "
+    fig, axes = _grid(1, len(series), "Flip rate against change, a point per (eta, t_skip):\n"
                                       "up and to the left is better")
     for col, s in enumerate(series):
         ax = axes[0][col]
@@ -207,6 +218,7 @@ def t_skip_histogram_figure(series: Sequence[SeriesData]):
         ax.set_xticks(range(len(t_values)), [f"{t:g}" for t in t_values], fontsize=7,
                       rotation=90 if len(t_values) > 8 else 0)
     _label_panels(axes, series, directions, "chosen t_skip (mildest first)", "edits")
+    _integer_counts(fig)
     return fig
 
 
@@ -231,6 +243,7 @@ def distance_histogram_figure(series: Sequence[SeriesData]):
             if flipped:
                 ax.hist(flipped, bins=bins, color="#d66220")
     _label_panels(axes, series, directions, label, "edits")
+    _integer_counts(fig)
     return fig
 
 
@@ -284,7 +297,7 @@ CAPTIONS = {
 
 def write_figures(analysis: Analysis, out_dir: str | Path) -> List[Dict[str, str]]:
     """Every figure that the analysis has data for, as ``out_dir/<name>.png`` and ``.svg``. Returns, in display
-    order, {"name", "caption", "png", "svg"} per figure written ([] when there is nothing to plot)."""
+    order, {"name", "caption", "width_px", "png", "svg"} per figure written ([] when there is nothing to plot)."""
     out_dir = Path(out_dir)
     series: List[SeriesData] = list(analysis["series"])  # type: ignore[arg-type]
     sweeps = [s for s in series if s["sweep"]]
@@ -303,7 +316,8 @@ def write_figures(analysis: Analysis, out_dir: str | Path) -> List[Dict[str, str
     for name, subset, make in makers:
         fig = make(subset)
         paths = _save(fig, out_dir, name)
-        written.append({"name": name, "caption": CAPTIONS[name], **paths})
+        width_px = round(float(fig.get_size_inches()[0]) * 96)  # the SVG's own width in CSS pixels
+        written.append({"name": name, "caption": CAPTIONS[name], "width_px": width_px, **paths})
     if written:
         log.info("figures: %s (%s)", out_dir, ", ".join(w["name"] for w in written))
     return written

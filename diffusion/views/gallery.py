@@ -170,6 +170,7 @@ def write_views(run_dir: Path, frame_ms: int = DEFAULT_FRAME_MS, quiz_seed: int 
     """
     run_dir = Path(run_dir)
     rows = load_run_rows(run_dir)
+    check_views_options(run_dir, {"gif_frame_ms": frame_ms, "quiz_seed": quiz_seed})
     cards = [edit_views(run_dir, r, frame_ms) for r in tqdm(rows, desc="views", unit="edit", leave=False)]
     strips: Dict[str, Optional[Dict[str, object]]] = {}
     for row, card in zip(rows, cards):
@@ -179,10 +180,9 @@ def write_views(run_dir: Path, frame_ms: int = DEFAULT_FRAME_MS, quiz_seed: int 
         card.update(strips[image_dir] or {})
     classes = run_classes(rows)
     title = " vs ".join(classes) or run_dir.resolve().name
-    check_views_options(run_dir, {"gif_frame_ms": frame_ms, "quiz_seed": quiz_seed})
     index_data = _index_data(run_dir, rows, cards, classes, frame_ms)
-    index_data["figures"] = [{"name": f["name"], "caption": f["caption"], "svg": url(f["svg"]), "png": url(f["png"])}
-                             for f in write_run_figures(run_dir, rows)]
+    index_data["figures"] = [{"name": f["name"], "caption": f["caption"], "svg": url(f["svg"]), "png": url(f["png"]),
+                              "width_px": f["width_px"]} for f in write_run_figures(run_dir, rows)]
     copies = OpaqueCopies(run_dir)
     quiz = quiz_data(run_dir, rows, cards, classes, quiz_seed, copies)
     atomic_write_text(run_dir / "index.html", render_page("index.html", f"{title}: counterfactual edits",

@@ -148,7 +148,9 @@
     box.appendChild(el("h2", {text: "Figures"}));
     var grid = el("div", {className: "figure-grid"});
     figures.forEach(function (f) {
-      grid.appendChild(el("figure", {className: "run-figure", "data-name": f.name},
+      // shown at its own size (the SVG's width), narrower screens shrink it
+      grid.appendChild(el("figure", {className: "run-figure", "data-name": f.name,
+                                     style: f.width_px ? "width:" + f.width_px + "px" : null},
         el("a", {href: f.svg}, el("img", {src: f.svg, alt: f.caption, decoding: "async"})),
         el("figcaption", {}, f.caption + " ", el("a", {href: f.png, text: "PNG"}), " ",
            el("a", {href: f.svg, text: "SVG"}))));
