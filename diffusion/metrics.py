@@ -112,8 +112,12 @@ def bootstrap_over_images(rows: Sequence[Dict[str, str]], value: Callable[[Dict[
     if s.size == 1:
         return [float(s[0] / n[0])] * 2
     rng = np.random.default_rng(seed)
-    picked = rng.integers(0, s.size, size=(resamples, s.size))  # (R, images)
-    stats = s[picked].sum(axis=1) / n[picked].sum(axis=1)
+    # (R, images) draws at once while small (the same draws as bootstrap_mean_interval), in blocks for large runs
+    block = max(1, min(resamples, 20_000_000 // s.size))
+    stats = np.empty(resamples)
+    for start in range(0, resamples, block):
+        picked = rng.integers(0, s.size, size=(min(block, resamples - start), s.size))
+        stats[start:start + picked.shape[0]] = s[picked].sum(axis=1) / n[picked].sum(axis=1)
     lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
     return [float(lo), float(hi)]
 

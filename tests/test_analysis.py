@@ -23,6 +23,7 @@ from diffusion.config import EditConfig, load_config
 from diffusion.edit.results import COLUMNS, REQUIRED_COLUMNS, read_rows
 from diffusion.errors import ArtefactError, ConfigError
 from diffusion.metrics import bootstrap_over_images, rate_interval, summarize
+from diffusion.stats import bootstrap_mean_interval
 from diffusion.views.figures import write_figures
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,6 +227,12 @@ def test_rate_interval_is_wilson_for_independent_rows_and_a_seeded_bootstrap_oth
     assert ci2 == rate_interval(repeated, lambda r: r["flipped"] == "1")[0]  # seeded: the same every time
     # one value per image draws like a plain bootstrap of the mean; an image's rows are drawn together
     assert bootstrap_over_images([_row("a/1", l2="0.4")], lambda r: float(r["l2"])) == [0.4, 0.4]
+    values = [0.1 * k for k in range(12)]
+    rows = [_row(f"a/{k}", l2=str(v)) for k, v in enumerate(values)]
+    assert bootstrap_over_images(rows, lambda r: float(r["l2"])) == pytest.approx(list(bootstrap_mean_interval(values)))
+    paired = rows + [_row(f"a/{k}", eta="2", l2=str(v)) for k, v in enumerate(values)]  # each image twice, same values
+    assert bootstrap_over_images(paired, lambda r: float(r["l2"])) == pytest.approx(
+        list(bootstrap_mean_interval(values)))  # drawn by image, not by row: the same interval
 
 
 def test_searched_runs_give_t_skip_distance_and_evaluation_distributions(tmp_path):
