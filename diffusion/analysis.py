@@ -10,7 +10,8 @@ saves, and what the gallery plots.
   names and orders them, and pools runs that share a value.
 
 Every rate and mean carries a 95% interval (:mod:`diffusion.metrics`: Wilson where each image has one row in the
-figure, else a seeded bootstrap over images; each figure says which). Data only: plotting lives in :mod:`diffusion.views.figures`.
+figure, else a seeded bootstrap over images; each figure says which). Data only: the plots are
+:mod:`diffusion.views.figures`.
 """
 
 from __future__ import annotations

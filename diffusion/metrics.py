@@ -135,7 +135,8 @@ def rate_interval(rows: Sequence[Dict[str, str]], success: Callable[[Dict[str, s
 
 def mean_interval(rows: Sequence[Dict[str, str]], column: str) -> Tuple[Optional[float], Optional[List[float]]]:
     """(mean, 95% bootstrap-over-images interval) of a numeric column over ``rows``; (None, None) when empty."""
-    return _mean(as_number(r.get(column)) for r in rows), bootstrap_over_images(rows, lambda r: as_number(r.get(column)))
+    values = [as_number(r.get(column)) for r in rows]
+    return _mean(values), bootstrap_over_images(rows, lambda r: as_number(r.get(column)))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -294,8 +295,8 @@ def summarize(rows: List[Dict[str, str]]) -> Dict[str, object]:
     per_image_evals = evals_per_image(rows)
     per_image_seconds: Dict[str, float] = {}
     for r in rows:
-        per_image_seconds[r["source_path"]] = per_image_seconds.get(r["source_path"], 0.0) + (as_number(r.get("seconds"))
-                                                                                              or 0.0)
+        seconds = as_number(r.get("seconds")) or 0.0
+        per_image_seconds[r["source_path"]] = per_image_seconds.get(r["source_path"], 0.0) + seconds
     summary: Dict[str, object] = {
         "n_images": len(images),
         "n_rows": len(rows),
@@ -375,6 +376,11 @@ def _rate(rate: Optional[float], flipped: int, n: int, interval: object = None) 
     return "-" if rate is None else f"{100 * rate:.1f}% ({flipped}/{n}){_ci(interval, 1, 100)}"
 
 
+def _direction_rate(v: Dict[str, object]) -> str:
+    return _rate(v["flip_rate"], v["n_flipped"], v.get("n_attempted", v["n"]),  # type: ignore[arg-type]
+                 v.get("flip_rate_ci"))
+
+
 def comparison_table(runs: Sequence[Tuple[str, Dict[str, object], str]]) -> str:
     """One markdown table, a row per ``(name, summary, settings)``: images, rows, flip rate (overall and per
     direction; the judge's too), mean LPIPS and L2 of the flipped edits, mean t_skip, UNet evaluations and seconds
@@ -385,19 +391,20 @@ def comparison_table(runs: Sequence[Tuple[str, Dict[str, object], str]]) -> str:
         "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, s, settings in runs:
+        g = s.get  # older summaries (summary.json of earlier runs) lack the newer keys
         per_dir: Dict[str, Dict[str, object]] = s["per_direction"]  # type: ignore[assignment]
-        attempted_rows = int(s.get("n_attempted", s["n_rows"]))  # type: ignore[arg-type]
-        directions = "; ".join(
-            f"{d}: {_rate(v['flip_rate'], v['n_flipped'], v.get('n_attempted', v['n']), v.get('flip_rate_ci'))}"  # type: ignore[arg-type]
-            for d, v in per_dir.items())
-        lines.append(
-            f"| {name} | {settings} | {s['n_images']} | {s['n_rows']} | "
-            f"{_rate(s['flip_rate'], s['n_flipped'], attempted_rows, s.get('flip_rate_ci'))} | "  # type: ignore[arg-type]
-            f"{_rate(s.get('judge_flip_rate'), s.get('n_judge_flipped', 0), attempted_rows, s.get('judge_flip_rate_ci'))} | "  # type: ignore[arg-type]
-            f"{directions} | {_cell(s['lpips_mean'], 4, s.get('lpips_mean_ci'))} | "  # type: ignore[arg-type]
-            f"{_cell(s['l2_mean'], 4, s.get('l2_mean_ci'))} | {_cell(s['t_skip_mean'], 3, s.get('t_skip_mean_ci'))} | "  # type: ignore[arg-type]
-            f"{_cell(s['t_skip_mean_flipped'], 3, s.get('t_skip_mean_flipped_ci'))} | "  # type: ignore[arg-type]
-            f"{_cell(s['unet_evals_per_image'], 1, s.get('unet_evals_per_image_ci'))} | "  # type: ignore[arg-type]
-            f"{_cell(s['seconds_per_image'], 2, s.get('seconds_per_image_ci'))} |"  # type: ignore[arg-type]
-        )
+        tried = int(g("n_attempted", s["n_rows"]))  # type: ignore[arg-type]
+        directions = "; ".join(f"{d}: {_direction_rate(v)}" for d, v in per_dir.items())
+        cells = [
+            name, settings, str(s["n_images"]), str(s["n_rows"]),
+            _rate(g("flip_rate"), g("n_flipped"), tried, g("flip_rate_ci")),  # type: ignore[arg-type]
+            _rate(g("judge_flip_rate"), g("n_judge_flipped", 0), tried, g("judge_flip_rate_ci")),  # type: ignore[arg-type]
+            directions,
+            _cell(g("lpips_mean"), 4, g("lpips_mean_ci")), _cell(g("l2_mean"), 4, g("l2_mean_ci")),  # type: ignore[arg-type]
+            _cell(g("t_skip_mean"), 3, g("t_skip_mean_ci")),  # type: ignore[arg-type]
+            _cell(g("t_skip_mean_flipped"), 3, g("t_skip_mean_flipped_ci")),  # type: ignore[arg-type]
+            _cell(g("unet_evals_per_image"), 1, g("unet_evals_per_image_ci")),  # type: ignore[arg-type]
+            _cell(g("seconds_per_image"), 2, g("seconds_per_image_ci")),  # type: ignore[arg-type]
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -22,7 +22,8 @@ from diffusion.views.gallery import run_frame_ms, views_options, write_views
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output_dir of a kandinsky_eval.py run")
-    parser.add_argument("--frame_ms", type=int, help="flicker GIF: ms per frame (default: views.json, else the run config)")
+    parser.add_argument("--frame_ms", type=int,
+                        help="flicker GIF: ms per frame (default: views.json, else the run's config.yaml)")
     args = parser.parse_args(argv)
     if args.frame_ms is not None and args.frame_ms <= 0:
         parser.error("--frame_ms must be > 0")

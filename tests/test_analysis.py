@@ -255,7 +255,8 @@ def test_series_by_a_config_key_are_ordered_by_it_and_side_by_side(tmp_path, cap
     for step, rate in ((400, "1"), (100, "0"), (None, "1")):
         rows = [_row(f"a/{k}", flipped=rate if k else "1") for k in range(4)]
         step_text = "null" if step is None else step
-        runs.append(_write(tmp_path / f"run_{step}", rows, f"search: first_flip\nlora: {{path: l, step: {step_text}}}\n"))
+        config = f"search: first_flip\nlora: {{path: l, step: {step_text}}}\n"
+        runs.append(_write(tmp_path / f"run_{step}", rows, config))
     series = load_series(runs, by="lora.step")
     assert [s.label for s in series] == ["lora.step=None", "lora.step=100", "lora.step=400"]
     pooled = load_series([runs[0], runs[0]], by="lora.step")  # runs sharing a value are pooled
