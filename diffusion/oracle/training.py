@@ -35,7 +35,7 @@ from diffusion.config import Augment, ClassifierConfig
 from diffusion.data import dataset_classes, make_loader, prepare_root, split_records
 from diffusion.devices import resolve_device
 from diffusion.errors import ConfigError, OracleError
-from diffusion.files import atomic_write_json, relative_path
+from diffusion.files import atomic_write_json, relative_path, run_lock
 from diffusion.oracle.accuracy import ENSEMBLE, TEST_METRICS, accuracy_record
 from diffusion.oracle.members import (
     CLIP_PROBE, IMAGENET_MEAN, IMAGENET_STD, ClipFeatures, ClipMember, ClipProbe, EnsembleOracle, Member, MemberInfo,
@@ -425,6 +425,11 @@ def train_classifiers(cfg: ClassifierConfig) -> Dict[str, object]:
     """
     device = resolve_device(cfg.device, key="device")
     data = oracle_data(cfg)
+    with run_lock(cfg.output_dir):  # one run per folder
+        return _train_into_folder(cfg, data, device)
+
+
+def _train_into_folder(cfg: ClassifierConfig, data: "OracleData", device: torch.device) -> Dict[str, object]:
     out = Path(cfg.output_dir)
     stamp_run_dir(cfg, has_results=lambda folder: any(folder.glob("*.safetensors")))
     (out / TEST_METRICS).unlink(missing_ok=True)  # written last: its absence says the folder is not finished
