@@ -1,6 +1,6 @@
 """Metrics of an editing run: LPIPS and pixel L2 per edit, the run summary, and a table comparing runs.
 
-Definitions (METHOD.md, "Evaluation protocol"):
+Definitions (docs/method.md, "Metrics"):
 - flip rate = flipped / ALL attempted (image, direction, eta) rows, overall and per direction; an unflipped image
   counts in the denominator (dividing by the flipped images only would always give 100%);
 - LPIPS (AlexNet, inputs in [-1, 1]) and pixel L2 between the original (as the model saw it) and the chosen edit,

@@ -179,6 +179,7 @@ def run_edits(cfg: EditConfig, oracle: Optional[Oracle] = None,
     resolved = {"dtype": dtype_name(resolve_dtype(cfg.model.dtype, device))}
     with run_lock(out) if state.is_main_process else contextlib.nullcontext():  # one run per folder
         if state.is_main_process:  # a folder with no result yet (a run that failed early) accepts a corrected config
+            _warn_changed_strips(cfg, out)
             stamp_run_dir(cfg, has_results=lambda folder: bool(ResultsWriter.existing_keys(folder)),
                           resolved=resolved)
         state.wait_for_everyone()
@@ -194,6 +195,20 @@ def run_edits(cfg: EditConfig, oracle: Optional[Oracle] = None,
         if not state.is_main_process:
             return None
         return finish_run(cfg, items)
+
+
+def _warn_changed_strips(cfg: EditConfig, out: Path) -> None:
+    """Strips need the model, so a resumed run cannot remake the ones already written: say so when the strip
+    settings changed (each strip's captions still say its own etas and t_skip)."""
+    from diffusion.runinfo import read_stamped_config
+
+    old = (read_stamped_config(out) or {}).get("views") or {}
+    if not ResultsWriter.existing_keys(out):
+        return
+    for key in ("strip_etas", "strip_t_skip"):
+        if key in old and old[key] != getattr(cfg.views, key):
+            log.warning("views.%s changed from %s to %s: images edited before keep their strips with the old value "
+                        "(use a new output_dir for uniform strips)", key, old[key], getattr(cfg.views, key))
 
 
 def _device(cfg: EditConfig, state) -> torch.device:
