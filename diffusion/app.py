@@ -29,7 +29,7 @@ from diffusion.interactive import EditSession, SourceImage, Timed, source_image
 log = logging.getLogger(__name__)
 
 DISPLAY_SIZE = 256  # small images are shown enlarged by a whole factor to at least this many pixels (crisp)
-KEPT_GIFS = 16  # flicker GIFs kept on disk (older ones are deleted: Gradio has copied them by then)
+KEPT_FILES = 48  # view files kept in the work folder (older ones are deleted: Gradio has copied them by then)
 
 # The environment Gradio reads: no telemetry, no version check, no share link, no server-side rendering (Node).
 OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1", "GRADIO_SHARE": "False",
@@ -56,9 +56,9 @@ def enlarged(image: Image.Image, size: int = DISPLAY_SIZE) -> Image.Image:
 class Views:
     """What one slider move or search shows."""
 
-    counterfactual: Optional[Image.Image]  # enlarged for display; None: nothing to show (see status)
-    flicker: Optional[str]  # path of the flicker GIF (original <-> counterfactual)
-    difference: Optional[Image.Image]  # the difference map, enlarged
+    counterfactual: Optional[str]  # PNG path, enlarged for display; None: nothing to show (see status)
+    flicker: Optional[str]  # GIF path: original <-> counterfactual
+    difference: Optional[str]  # PNG path of the difference map, enlarged
     oracle: Optional[Dict[str, float]]  # the oracle's probability of each class on the edit
     judge: Optional[Dict[str, float]]  # the judge's, when judge_dir is set
     status: str  # one line of Markdown: the setting, the verdict, the cost
@@ -81,7 +81,7 @@ class AppModel:
         records = split_records(cfg.data, cfg.data.eval_split, self.classes, use_file_lists=True)
         self.eval_images = {relative_path(r.path, cfg.data.root): r for r in records}
         self._images: Dict[str, SourceImage] = {}
-        self._gifs: List[Path] = []
+        self._files: List[Path] = []
         self._counter = itertools.count()
         self._last: Optional[Tuple[tuple, Views]] = None
         self._lock = threading.RLock()
@@ -116,9 +116,9 @@ class AppModel:
     def image(self, image_id: Optional[str]) -> Optional[SourceImage]:
         return self._images.get(image_id) if image_id else None
 
-    def choose(self, name: str, target: Optional[str] = None) -> Tuple[str, Image.Image, str, str]:
-        """An eval image by its name (path relative to data.root): (image id, its picture enlarged, source class =
-        its class folder, target class)."""
+    def choose(self, name: str, target: Optional[str] = None) -> Tuple[str, str, str, str]:
+        """An eval image by its name (path relative to data.root): (image id, its picture enlarged (a PNG path),
+        source class = its class folder, target class)."""
         from diffusion.errors import ConfigError
 
         record = self.eval_images.get(name)
@@ -139,10 +139,22 @@ class AppModel:
         source = source if source in self.classes else self.classes[0]
         return self._remember(image), source, self.other_class(source, target)
 
-    def display(self, image: SourceImage) -> Image.Image:
-        from diffusion.views.images import to_pil
+    def display(self, image: SourceImage) -> str:
+        from diffusion.views.images import save_pil, to_pil
 
-        return enlarged(to_pil(image.pixels))
+        return self._file(lambda path: save_pil(enlarged(to_pil(image.pixels)), path), "original", "png")
+
+    def _file(self, write, kind: str, ext: str) -> str:
+        """A new file of the work folder, written by ``write(path)`` (atomically: the views' savers write a
+        temporary file and rename it) under a name of its own, so no file is rewritten while the page may be
+        reading it; the oldest beyond KEPT_FILES are deleted."""
+        with self._lock:
+            path = self.workdir / f"{kind}-{next(self._counter):06d}.{ext}"
+            write(path)
+            self._files.append(path)
+            while len(self._files) > KEPT_FILES:
+                self._files.pop(0).unlink(missing_ok=True)
+        return str(path)
 
     # --- edits ------------------------------------------------------------------------------------------------
     def move(self, image_id: Optional[str], source: str, target: str, eta: float, t_skip: float) -> Views:
@@ -180,7 +192,7 @@ class AppModel:
         return Views(None, None, None, None, None, message, None)
 
     def _views(self, image: SourceImage, source: str, target: str, timed: Timed, searched: bool) -> Views:
-        from diffusion.views.images import difference_map, save_flicker_gif, to_pil
+        from diffusion.views.images import difference_map, save_flicker_gif, save_pil, to_pil
 
         e = timed.edit
         if e.picture is None:  # a search on an original the oracle already assigns to the target
@@ -189,13 +201,14 @@ class AppModel:
                               "Move the sliders to edit it anyway.")
         original, cf = enlarged(to_pil(image.pixels)), enlarged(to_pil(e.picture))
         diff, scale = difference_map(original, cf)
-        gif = self.workdir / f"flicker-{next(self._counter):06d}.gif"
-        save_flicker_gif(original, cf, gif, self.session.cfg.views.gif_frame_ms)
-        self._gifs.append(gif)
-        while len(self._gifs) > KEPT_GIFS:
-            self._gifs.pop(0).unlink(missing_ok=True)
-        status = self._status(source, target, timed, searched, scale)
-        return Views(cf, str(gif), diff, e.probs, e.judge_probs, status, e.t_skip, timed.seconds)
+        frame_ms = self.session.cfg.views.gif_frame_ms
+        views = Views(
+            counterfactual=self._file(lambda path: save_pil(cf, path), "counterfactual", "png"),
+            flicker=self._file(lambda path: save_flicker_gif(original, cf, path, frame_ms), "flicker", "gif"),
+            difference=self._file(lambda path: save_pil(diff, path), "difference", "png"),
+            oracle=e.probs, judge=e.judge_probs, status=self._status(source, target, timed, searched, scale),
+            t_skip=e.t_skip, seconds=timed.seconds)
+        return views
 
     def _status(self, source: str, target: str, timed: Timed, searched: bool, scale: float) -> str:
         e = timed.edit
@@ -266,7 +279,7 @@ def build_app(model: AppModel, title: str = "DIFFusion"):
                 pick = gr.Dropdown(choices=list(model.eval_images), value=None, label="eval image",
                                    elem_id="pick")
                 original = gr.Image(label="image (drop one here to upload it)", type="pil", image_mode="RGB",
-                                    sources=["upload", "clipboard"], format="png", height=DISPLAY_SIZE,
+                                    sources=["upload", "clipboard"], height=DISPLAY_SIZE,
                                     elem_id="original", elem_classes=["pixelated"])
                 with gr.Row():
                     source = gr.Dropdown(choices=model.classes, value=model.classes[0], label="source class",
@@ -286,12 +299,11 @@ def build_app(model: AppModel, title: str = "DIFFusion"):
                 with gr.Row():
                     views = dict(interactive=False, height=DISPLAY_SIZE, elem_classes=["pixelated"],
                                  buttons=["download", "fullscreen"])
-                    counterfactual = gr.Image(label="counterfactual", type="pil", format="png",
-                                              elem_id="counterfactual", **views)
-                    flicker = gr.Image(label="flicker (original / counterfactual)", type="filepath",
+                    counterfactual = gr.Image(label="counterfactual", type="filepath", elem_id="counterfactual",
+                                              **views)
+                    flicker = gr.Image(label="flicker", type="filepath",
                                        elem_id="flicker", **views)
-                    difference = gr.Image(label="difference map", type="pil", format="png", elem_id="difference",
-                                          **views)
+                    difference = gr.Image(label="difference map", type="filepath", elem_id="difference", **views)
                 with gr.Row():
                     oracle = gr.Label(label="oracle: p(class) of the edit", visible=model.has_oracle,
                                       elem_id="oracle")
