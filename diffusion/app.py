@@ -301,8 +301,7 @@ def build_app(model: AppModel, title: str = "DIFFusion"):
                                  buttons=["download", "fullscreen"])
                     counterfactual = gr.Image(label="counterfactual", type="filepath", elem_id="counterfactual",
                                               **views)
-                    flicker = gr.Image(label="flicker", type="filepath",
-                                       elem_id="flicker", **views)
+                    flicker = gr.Image(label="flicker", type="filepath", elem_id="flicker", **views)
                     difference = gr.Image(label="difference map", type="filepath", elem_id="difference", **views)
                 with gr.Row():
                     oracle = gr.Label(label="oracle: p(class) of the edit", visible=model.has_oracle,
