@@ -131,7 +131,8 @@ class AppModel:
     def upload(self, picture: Image.Image, source: Optional[str], target: Optional[str]) -> Tuple[str, str, str]:
         """An uploaded picture: (image id, source class = the oracle's prediction, or ``source`` without an oracle,
         target class)."""
-        image = source_image(self.session.bench.pipe, picture.convert("RGB"), self.session.cfg, name="upload")
+        # any mode: transparent pixels go over data.background, as the dataset loader puts them
+        image = source_image(self.session.bench.pipe, picture, self.session.cfg, name="upload")
         probs = self.session.predict(image)
         if probs is not None:
             known = {c: p for c, p in probs.items() if c in self.classes}
@@ -278,7 +279,7 @@ def build_app(model: AppModel, title: str = "DIFFusion"):
             with gr.Column(scale=1, min_width=320):
                 pick = gr.Dropdown(choices=list(model.eval_images), value=None, label="eval image",
                                    elem_id="pick")
-                original = gr.Image(label="image (drop one here to upload it)", type="pil", image_mode="RGB",
+                original = gr.Image(label="image (drop one here to upload it)", type="pil", image_mode=None,
                                     sources=["upload", "clipboard"], height=DISPLAY_SIZE,
                                     elem_id="original", elem_classes=["pixelated"])
                 with gr.Row():

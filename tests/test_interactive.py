@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional, Tuple
 
 import numpy as np
 import pytest
@@ -256,6 +257,9 @@ def test_an_upload_takes_the_oracles_class_as_its_source(bench, root, tmp_path):
         image_id, source, target = model.upload(im.copy(), "class_a", "class_b")
     assert (source, target) == ("class_b", "class_a")
     assert model.move(image_id, source, target, 1.0, 0.9).counterfactual is not None
+    clear = Image.new("RGBA", (20, 20), (0, 0, 255, 0))  # fully transparent: the white background is edited
+    image_id, _, _ = model.upload(clear, "class_a", "class_b")
+    assert torch.equal(model.image(image_id).pixels, torch.ones_like(model.image(image_id).pixels))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -308,9 +312,11 @@ def served(bench, tmp_path):
     assert _port_closed(port), "the server still answers after the test"
 
 
-def _drive(url: str, profile: Path, option: str, new_t_skip: float, screenshot: Path) -> list:
+def _drive(url: str, profile: Path, option: str, new_t_skip: float, screenshot: Path,
+           upload: Optional[Tuple[Path, str]] = None) -> list:
     """Open the app in Chromium, choose the eval image ``option``, check its edit appears, move the t_skip slider to
-    ``new_t_skip`` and check a new edit replaces it; returns every URL the page requested."""
+    ``new_t_skip`` and check a new edit replaces it; then (``upload`` = (file, the status it must show)) upload a
+    file and check its edit. Returns every URL the page requested."""
     if not CHROMIUM.is_file():
         pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install -y chromium to run the browser test")
     from playwright.sync_api import expect, sync_playwright
@@ -344,6 +350,12 @@ def _drive(url: str, profile: Path, option: str, new_t_skip: float, screenshot: 
             expect(counterfactual).not_to_have_attribute("src", first)
             counterfactual.evaluate("i => i.complete || new Promise(done => { i.onload = i.onerror = done; })")
             assert counterfactual.evaluate("i => i.naturalWidth") >= 256
+            if upload is not None:
+                moved = counterfactual.get_attribute("src")
+                page.locator("#original button[aria-label='Remove Image']").click()
+                page.locator("#original input[type=file]").set_input_files(str(upload[0]))
+                expect(status).to_contain_text(upload[1], timeout=120_000)
+                expect(counterfactual).not_to_have_attribute("src", moved)
             page.screenshot(path=str(screenshot))
         finally:
             browser.close()
@@ -352,8 +364,10 @@ def _drive(url: str, profile: Path, option: str, new_t_skip: float, screenshot: 
 
 
 @pytest.mark.slow
-def test_the_app_edits_in_chromium_and_moves_with_the_slider_offline(served, tmp_path):
-    requests = _drive(served, tmp_path / "profile", "test/class_a/001.png", 0.3, tmp_path / "app.png")
+def test_the_app_edits_in_chromium_and_moves_with_the_slider_offline(served, bench, tmp_path):
+    blue = sorted((Path(bench.cfg.data.root) / "test" / "class_b").glob("*.png"))[0]
+    requests = _drive(served, tmp_path / "profile", "test/class_a/001.png", 0.3, tmp_path / "app.png",
+                      upload=(blue, "class_b → class_a"))  # the oracle calls the upload class_b: its source
     assert all(url.startswith((served, "data:", "blob:")) for url in requests), \
         [u for u in requests if not u.startswith(served)]
     outside = sorted({h for h in _NET["hosts"] if h not in LOOPBACK})
