@@ -215,7 +215,7 @@ class AppModel:
         e = timed.edit
         T = self.session.cfg.num_inference_steps
         steps = T - round(float(e.t_skip) * T)
-        how = f"search ({self.session.cfg.search.value}, {e.attempts} attempts) chose " if searched else ""
+        how = f"search ({self.session.search_mode.value}, {e.attempts} attempts) chose " if searched else ""
         parts = [f"**{source} → {target}**: {how}eta {e.eta:g}, t_skip {e.t_skip:g} ({steps} of {T} steps)"]
         for name, probs, before in (("oracle", e.probs, e.probs_before), ("judge", e.judge_probs,
                                                                            e.judge_probs_before)):
@@ -293,7 +293,8 @@ def build_app(model: AppModel, title: str = "DIFFusion"):
                 t_skip = gr.Slider(0.0, 1.0, value=float(cfg.t_skip), step=1.0 / T, label="t_skip",
                                    info="share of the steps skipped: 1 = the original, 0 = the strongest edit",
                                    elem_id="t_skip")
-                search = gr.Button(f"search t_skip ({cfg.search.value if model.has_oracle else 'needs an oracle'})",
+                how = model.session.search_mode.value if model.has_oracle else "needs an oracle"
+                search = gr.Button(f"search t_skip ({how})",
                                    interactive=model.has_oracle, variant="primary", elem_id="search")
                 status = gr.Markdown("Pick an eval image or upload one.", elem_id="status")
             with gr.Column(scale=2):

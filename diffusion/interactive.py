@@ -15,6 +15,7 @@ an upload) is seeded by a hash of its pixels.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -123,7 +124,7 @@ class SourceImage:
     name: str  # a short name for titles and folders
     label: Optional[str] = None  # its class folder, for an image of the dataset's eval split
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         return pixel_digest(self.pixels)
 
@@ -230,7 +231,8 @@ class EditSession:
             inv = self.inversion(image)
             before = int(inv.counter[0])
             out = self.bench.pipe(inv, direction, guidance_scale=self.cfg.guidance_scale, oracle=self.bench.oracle,
-                                  judge=self.bench.judge, output_type="pt", **kwargs)
+                                  judge=self.bench.judge, flip_threshold=self.cfg.flip_threshold,
+                                  flip_agreement=self.cfg.flip_agreement, output_type="pt", **kwargs)
             steps = int(inv.counter[0]) - before
             return Timed(out.edits[0], time.perf_counter() - start, inverted, steps)
 
@@ -238,16 +240,21 @@ class EditSession:
         """The counterfactual at one (eta, t_skip): what a slider move asks for."""
         return self._call(image, source, target, eta=float(eta), t_skip=float(t_skip))
 
+    @property
+    def search_mode(self) -> SearchMode:
+        """The search :meth:`search` runs: the config's first_flip or bisect; first_flip when the config edits at a
+        fixed t_skip (or sweeps)."""
+        return self.cfg.search if self.cfg.search in SEARCHES else SearchMode.first_flip
+
     def search(self, image: SourceImage, source: str, target: str, eta: float) -> Timed:
-        """The configured t_skip search (``search``: first_flip or bisect over ``t_skips``, with the config's flip
-        criterion) at one eta; needs an oracle. An original the oracle already assigns to the target is not searched
-        (the edit then has no picture and ``already_target``)."""
+        """The t_skip search (:attr:`search_mode` over ``t_skips``, with the config's flip criterion) at one eta;
+        needs an oracle. An original the oracle already assigns to the target is not searched (the edit then has no
+        picture and ``already_target``)."""
         if self.bench.oracle is None:
             raise ConfigError("the t_skip search needs an oracle: set oracle_dir (a scripts/train_classifiers.py "
                               "folder)", key="oracle_dir")
-        mode = self.cfg.search if self.cfg.search in SEARCHES else SearchMode.first_flip
-        return self._call(image, source, target, eta=float(eta), t_skip=list(self.cfg.t_skips), search=mode,
-                          flip_threshold=self.cfg.flip_threshold, flip_agreement=self.cfg.flip_agreement)
+        return self._call(image, source, target, eta=float(eta), t_skip=list(self.cfg.t_skips),
+                          search=self.search_mode)
 
     def strip(self, image: SourceImage, source: str, target: str, etas: Sequence[float],
               t_skip: float) -> List[Edit]:

@@ -47,6 +47,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.t_skip is not None:
         overrides += ["search=fixed", f"t_skip={args.t_skip!r}"]
     try:
+        if args.t_skip is not None and not 0.0 <= args.t_skip <= 1.0:
+            raise ConfigError(f"--t_skip {args.t_skip:g} must lie in [0, 1] (the share of the steps skipped)")
         cfg = load_config(EditConfig, args.config_path, overrides)
     except ConfigError as err:
         log.error("config error: %s", err)
