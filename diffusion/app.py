@@ -76,7 +76,9 @@ class AppModel:
 
         self.session = session
         cfg = session.cfg
-        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="diffusion-app-"))
+        # the views' files; a folder of our own is removed when the model is (or at exit)
+        self._tmp = tempfile.TemporaryDirectory(prefix="diffusion-app-") if workdir is None else None
+        self.workdir = Path(workdir) if workdir is not None else Path(self._tmp.name)
         self.workdir.mkdir(parents=True, exist_ok=True)
         records = split_records(cfg.data, cfg.data.eval_split, self.classes, use_file_lists=True)
         self.eval_images = {relative_path(r.path, cfg.data.root): r for r in records}
@@ -270,7 +272,8 @@ def build_app(model: AppModel, title: str = "DIFFusion"):
                 raise gr.Error(str(err)) from None
         return run
 
-    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+    # delete_cache: Gradio's copies of the shown views older than an hour go, every 10 minutes
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(600, 3600)) as demo:
         image_id = gr.State(None)
         gr.Markdown(f"### {title}: {' / '.join(model.classes)}  \nDecoder `{cfg.model.decoder}`, T = {T}, guidance "
                     f"{cfg.guidance_scale:g}. Pick an eval image or upload one, pick the target class, move the "
