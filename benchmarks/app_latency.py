@@ -7,8 +7,8 @@ edit of an image costs (pipe.invert, then the noise maps as deep as the slider a
 Times ``AppModel.move`` (what the app's slider handler runs: the pipeline call with the oracle and judge, the flicker
 GIF, the difference map), on each of the first ``--images`` eval images: a sequence of moves of eta at the default
 t_skip and of t_skip from 0.95 to 0.5, then the deepest edit (t_skip 0, all T steps) apart; and, on as many other
-images, the first edit at full depth (the whole inversion) against the same depth from the cache. ``--browser`` also times
-moves end to end in Chromium (slider filled -> the new status shown), through Gradio's server and page.
+images, the first edit at full depth (the whole inversion) against the same depth from the cache. ``--browser``
+also times moves end to end in Chromium (slider filled -> the new status shown), through Gradio's server and page.
 Figures depend on the machine's load: run it on a quiet machine and read the medians.
 """
 

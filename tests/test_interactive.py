@@ -200,16 +200,14 @@ def test_edit_image_refuses_bad_input_in_one_line_with_exit_2(case, root, tiny_m
 def test_edit_image_command_on_the_demo_model(tmp_path):
     """The README command on the shipped demo model and its classifiers: the oracle picks the source, the files
     the command prints exist."""
-    data = tmp_path / "digits"
-    digit = None
-    cmd = [sys.executable, "scripts/edit_image.py", "IMAGE", "--config_path", "configs/edit/demo.yaml",
-           "--target", "8", "--output", str(tmp_path / "out"), f"output_dir={tmp_path / 'run'}",
-           f"embeds_dir={tmp_path / 'embeds'}", f"data.root={data}"]
     from datasets.digits import export_digits
 
+    data = tmp_path / "digits"
     export_digits(data)
     digit = sorted((data / "test" / "3").glob("*.png"))[0]
-    cmd[2] = str(digit)
+    cmd = [sys.executable, "scripts/edit_image.py", str(digit), "--config_path", "configs/edit/demo.yaml",
+           "--target", "8", "--output", str(tmp_path / "out"), f"output_dir={tmp_path / 'run'}",
+           f"embeds_dir={tmp_path / 'embeds'}", f"data.root={data}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": /" in line)
