@@ -87,25 +87,15 @@ def load_workbench(cfg: EditConfig, device: Optional[torch.device] = None, oracl
     ``oracle_dir`` / ``judge_dir`` (tests, notebooks)."""
     from diffusion.data import dataset_classes
     from diffusion.devices import resolve_device
-    from diffusion.edit.run import Classifiers, check_inputs, load_classifiers
-    from diffusion.embeddings import load_class_means
+    from diffusion.edit.run import Classifiers, check_inputs, load_classifiers, load_means, load_pipeline
 
     device = device or resolve_device(cfg.model.device)
     classes = dataset_classes(cfg.data)
     given = Classifiers(oracle, judge)
     check_inputs(cfg, given)
     clf = load_classifiers(cfg, classes, device, given)
-    pipe = DIFFusionPipeline.from_config(cfg.model, device=device, batch_size=cfg.batch_size,
-                                         background=tuple(cfg.data.background))
-    if cfg.lora.path:
-        pipe.load_lora(cfg.lora.path, cfg.lora.step, cfg.lora.scale)
-    pipe.optimize(cfg.model)
-    if cfg.compute_missing_embeds:
-        from diffusion.precompute import compute_missing_class_embeddings
-
-        compute_missing_class_embeddings(cfg, pipe.encoder)
-    means = load_class_means(cfg.embeds_dir, classes, pipe.encoder.embed_dim, cfg.class_mean_images,
-                             expected_encoder=pipe.encoder.fingerprint)
+    pipe = load_pipeline(cfg, device)
+    means = load_means(cfg, pipe, classes)
     log.info("workbench: classes %s, T=%d, guidance %g, oracle %s, judge %s, device %s", classes,
              cfg.num_inference_steps, cfg.guidance_scale, "yes" if clf.oracle is not None else "none",
              "yes" if clf.judge is not None else "none", pipe.device)

@@ -141,9 +141,12 @@ class Decoder:
             eps = eps(w, t, c_0) + g (eps(w, t, cond) - eps(w, t, c_0))
 
         ``counter`` (R,) long, when given, accumulates the UNet evaluations spent on each row (2 per guided step).
-        This is the one place classifier-free guidance is applied."""
+        This is the one place classifier-free guidance is applied. g = 1 is the conditional prediction alone, so
+        the unconditional branch is skipped (one evaluation per step instead of two)."""
         if guidance is not None and null is None:
             raise ValueError("guidance needs the null embedding")
+        if guidance is not None and float(guidance) == 1.0:
+            guidance = None
 
         def fn(w: torch.Tensor, steps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             t = timesteps[steps].to(self.device)

@@ -90,6 +90,8 @@ class Edit:
     already_target: bool = False
     judge_probs: Optional[Dict[str, float]] = None  # an evaluation-only judge's probabilities on the edit
     judge_probs_before: Optional[Dict[str, float]] = None
+    member_probs: Optional[Dict[str, List[float]]] = None  # each oracle member's probability of each class, when
+    #                                                         the criterion asked for them (flip_agreement: all)
     criterion: Optional[str] = None  # the flip criterion the search used
 
     @property
@@ -345,7 +347,9 @@ class DIFFusionPipeline:
                 pred_before = probs_before.argmax(1)
         outcomes = self.editor.edit(inv, mu_src, mu_tgt, etas, mode, t_skips, guidance_scale, image_of_item=image_of,
                                     oracle=oracle, target_index=target_index, criterion=criterion,
-                                    pred_before=pred_before, plan=self.editor.plan_for(mode, t_skips, inv.T, inv.mode))
+                                    pred_before=pred_before,
+                                    plan=self.editor.plan_for(mode, t_skips, inv.T, inv.mode, guidance_scale,
+                                                              inv.guidance))
         edits = [self._edit_of(o, inv, directions, image_of, oracle, probs_before, criterion if oracle else None)
                  for o in outcomes]
         if judge is not None:
@@ -367,7 +371,9 @@ class DIFFusionPipeline:
             attempts=len(o.attempts), probs=_named(oracle, a.probs) if (oracle is not None and a) else None,
             probs_before=_named(oracle, probs_before[o.item]) if probs_before is not None else None,
             flipped=o.flipped if oracle is not None else None, already_target=o.already_target,
-            criterion=criterion.describe() if criterion is not None else None)
+            criterion=criterion.describe() if criterion is not None else None,
+            member_probs=({str(c): [float(v) for v in a.member_probs[:, k]] for k, c in enumerate(oracle.classes)}
+                          if oracle is not None and a is not None and a.member_probs is not None else None))
 
     def _judge(self, judge: Oracle, edits: List[Edit], inv: Inversion, directions) -> None:
         for d in directions:

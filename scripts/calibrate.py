@@ -1,7 +1,8 @@
 """Choose eta, guidance_scale and flip_threshold on validation images of the TRAIN split (never the test set).
 
     python scripts/calibrate.py --config_path configs/edit/demo.yaml --pairs 3,8 4,9 1,7 0,6 \\
-        --etas 0.75 1 1.5 --guidance 1 2 4 --thresholds argmax 0.8 --images 8 [--output snippet.yaml] [key=value ...]
+        --etas 0.75 1 1.5 --guidance 1 2 4 --thresholds argmax 0.8 --agreements mean all --images 8 \\
+        [--output snippet.yaml] [key=value ...]
 
 Every setting is run on --images held-out train images per class, both ways of every pair; the oracle (oracle_dir)
 picks each image's t_skip as `search: first_flip` would, and the independent judge (judge_dir) scores the result.
@@ -49,6 +50,8 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     parser.add_argument("--thresholds", type=_threshold, nargs="+", default=[None, 0.8],
                         help="flip_threshold values; 'argmax' is the paper's rule")
+    parser.add_argument("--agreements", nargs="+", default=["mean"], choices=["mean", "all"],
+                        help="flip_agreement values: mean (the ensemble decides) or all (every member too)")
     parser.add_argument("--t_skips", type=float, nargs="+", help="default: the config's t_skips")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="also write the chosen config snippet here")
@@ -59,10 +62,8 @@ def main(argv=None) -> int:
     def work() -> None:
         from diffusion.devices import resolve_device
         from diffusion.edit.calibrate import Setting, calibrate, choose, snippet, table
-        from diffusion.edit.run import load_classifiers
+        from diffusion.edit.run import load_classifiers, load_pipeline
         from diffusion.files import atomic_write_text
-        from diffusion.pipeline import DIFFusionPipeline
-        from diffusion.precompute import compute_missing_class_embeddings
 
         cfg = load_config(EditConfig, args.config_path, args.overrides)
         if args.images < 1:
@@ -76,10 +77,9 @@ def main(argv=None) -> int:
         classes = sorted({c for p in pairs for c in p})
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, classes=classes, num_samples=None))
         clf = load_classifiers(cfg, classes, resolve_device(cfg.model.device))
-        pipe = DIFFusionPipeline.from_config(cfg.model, batch_size=cfg.batch_size)
-        if cfg.compute_missing_embeds:
-            compute_missing_class_embeddings(cfg, pipe.encoder)
-        settings = [Setting(e, g, t) for e in args.etas for g in args.guidance for t in args.thresholds]
+        pipe = load_pipeline(cfg, resolve_device(cfg.model.device))
+        settings = [Setting(e, g, t, a) for e in args.etas for g in args.guidance for t in args.thresholds
+                    for a in args.agreements]
         results = calibrate(cfg, pipe, clf.oracle, clf.judge, pairs, settings, args.t_skips or cfg.t_skips,
                             args.images, args.seed)
         chosen = choose(results)

@@ -35,6 +35,7 @@ class Setting:
     eta: float
     guidance_scale: float
     flip_threshold: Optional[float]
+    flip_agreement: str = "mean"
 
 
 @dataclass
@@ -58,7 +59,8 @@ class SettingResult:
     def row(self) -> dict:
         s = self.setting
         return {
-            "eta": s.eta, "guidance_scale": s.guidance_scale, "flip_threshold": s.flip_threshold, "n": self.n,
+            "eta": s.eta, "guidance_scale": s.guidance_scale, "flip_threshold": s.flip_threshold,
+            "flip_agreement": s.flip_agreement, "n": self.n,
             "oracle_flip_rate": self.oracle_flips / self.n if self.n else None,
             "judge_flip_rate": self.judge_flip_rate,
             "judge_flip_rate_ci": as_list(wilson_interval(self.judge_flips, self.n)),
@@ -130,13 +132,14 @@ def calibrate(cfg: EditConfig, pipe: DIFFusionPipeline, oracle, judge, pairs: Se
         direction = ClassDirection(means[src], means[tgt], src, tgt)
         name = f"{src}->{tgt}"
         for (eta, g), indices in by_eg.items():
+            members = any(settings[i].flip_agreement == "all" for i in indices)
             out = pipe(inv, direction, eta=eta, t_skip=order, guidance_scale=g, oracle=oracle, judge=judge,
-                       output_type="pt")
+                       flip_agreement="all" if members else "mean", output_type="pt")
             grid: Dict[int, Dict[float, object]] = {}
             for e in out.edits:
                 grid.setdefault(e.image, {})[e.t_skip] = e
             for i in indices:
-                thr = settings[i].flip_threshold
+                thr, agree = settings[i].flip_threshold, settings[i].flip_agreement
                 r = results[i]
                 flips_here = n_here = 0
                 for u, edits in grid.items():
@@ -144,7 +147,7 @@ def calibrate(cfg: EditConfig, pipe: DIFFusionPipeline, oracle, judge, pairs: Se
                     if first.probs_before is not None and max(first.probs_before, key=first.probs_before.get) == tgt:
                         continue  # already the target: not an attempted edit
                     n_here += 1
-                    chosen = next((edits[t] for t in order if _meets(edits[t].probs, tgt, thr)), None)
+                    chosen = next((edits[t] for t in order if _meets(edits[t], tgt, thr, agree)), None)
                     if chosen is None:
                         continue
                     r.oracle_flips += 1
@@ -161,24 +164,30 @@ def calibrate(cfg: EditConfig, pipe: DIFFusionPipeline, oracle, judge, pairs: Se
     return [results[i] for i in range(len(settings))]
 
 
-def _meets(probs: Dict[str, float], target: str, threshold: Optional[float]) -> bool:
-    if threshold is None:
-        return max(probs, key=probs.get) == target
-    return probs[target] >= threshold
+def _meets(edit, target: str, threshold: Optional[float], agreement: str) -> bool:
+    """The search's criterion (diffusion.edit.search.FlipCriterion) applied to a recorded edit."""
+    from diffusion.edit.search import FlipCriterion
+
+    classes = list(edit.probs)
+    criterion = FlipCriterion(threshold, agreement)
+    members = None
+    if criterion.needs_members:
+        members = torch.tensor([edit.member_probs[c] for c in classes]).T  # (M, K)
+    return criterion.met(torch.tensor([edit.probs[c] for c in classes]), classes.index(target), members)
 
 
 def table(results: Sequence[SettingResult], chosen: Optional[SettingResult]) -> str:
     """A markdown table of every setting, the chosen one marked."""
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = ["| eta | guidance | flip_threshold | n | oracle flip rate | judge flip rate (95% CI) | worst direction "
-             "(judge) | judged flips closer than nearest real target | L2 of judged flips | chosen |",
-             "| ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
+    lines = ["| eta | guidance | flip_threshold | agreement | n | oracle flip rate | judge flip rate (95% CI) | worst "
+             "direction (judge) | judged flips closer than nearest real target | L2 of judged flips | chosen |",
+             "| ---: | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
     for r in results:
         row = r.row()
         ci = row["judge_flip_rate_ci"]
         lines.append(
             f"| {row['eta']:g} | {row['guidance_scale']:g} | {'argmax' if row['flip_threshold'] is None else row['flip_threshold']} "
-            f"| {row['n']} | {fmt(row['oracle_flip_rate'])} | {fmt(row['judge_flip_rate'])}"
+            f"| {row['flip_agreement']} | {row['n']} | {fmt(row['oracle_flip_rate'])} | {fmt(row['judge_flip_rate'])}"
             f"{f' ({ci[0]:.2f}-{ci[1]:.2f})' if ci else ''} | {fmt(row['worst_direction_judge_flip_rate'])} "
             f"| {fmt(row['judged_flips_closer_than_nearest_target'])} | {fmt(row['l2_mean_judged_flips'])} "
             f"| {'**yes**' if r is chosen else ''} |")
@@ -190,4 +199,5 @@ def snippet(chosen: SettingResult, pairs: Sequence[Tuple[str, str]], per_class: 
     thr = "null" if s.flip_threshold is None else f"{s.flip_threshold:g}"
     return (f"# chosen by scripts/calibrate.py on {per_class} validation images per class (train split) of "
             f"{', '.join('/'.join(p) for p in pairs)}\n"
-            f"eta: [{s.eta:g}]\nguidance_scale: {s.guidance_scale:g}\nflip_threshold: {thr}\n")
+            f"eta: [{s.eta:g}]\nguidance_scale: {s.guidance_scale:g}\nflip_threshold: {thr}\n"
+            f"flip_agreement: {s.flip_agreement}\n")

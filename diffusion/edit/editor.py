@@ -322,13 +322,16 @@ class Editor:
         return outcomes
 
     def plan_for(self, search: SearchMode, t_skips: Sequence[float], num_inference_steps: int,
-                 inversion: InversionCond) -> Optional[Dict[Tuple[int, int], int]]:
-        """The cost-weighted splits of ``search: bisect`` (None for the other searches), the same for every batch."""
+                 inversion: InversionCond, guidance_scale: float = 4.0,
+                 inversion_guidance: float = 1.0) -> Optional[Dict[Tuple[int, int], int]]:
+        """The cost-weighted splits of ``search: bisect`` (None for the other searches), the same for every batch.
+        A guided step costs 2 UNet evaluations, an unguided one (g = 1, or the null inversion) 1."""
         if search != SearchMode.bisect:
             return None
         schedule = self.schedule(num_inference_steps)
         depths = [schedule.T - step_index(schedule, t) for t in sorted(t_skips, reverse=True)]
-        return bisect_plan(depths, 2, 1 if inversion == InversionCond.null else 2)[0]
+        invert_cost = 1 if inversion == InversionCond.null or inversion_guidance == 1.0 else 2
+        return bisect_plan(depths, 1 if guidance_scale == 1.0 else 2, invert_cost)[0]
 
     @torch.inference_mode()
     def interpolate(self, inv: Inversion, mu_src: torch.Tensor, mu_tgt: torch.Tensor, etas: Sequence[float],

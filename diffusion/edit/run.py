@@ -111,7 +111,7 @@ def _load_classifier(folder: Optional[str], key: str, classes: List[str], device
     classifier = _load(folder, device=device)
     _check_classes(classifier, key, folder, classes)
     summary = getattr(classifier, "accuracy_summary", None)
-    log.info("%s %s: %s", key.replace("_dir", ""), folder, summary() if callable(summary) else "(no accuracy record)")
+    log.info("%s: %s", key.replace("_dir", ""), summary() if callable(summary) else f"{folder} (no accuracy record)")
     return classifier
 
 
@@ -215,7 +215,9 @@ def _device(cfg: EditConfig, state) -> torch.device:
     return state.device if state.num_processes > 1 else resolve_device(cfg.model.device)
 
 
-def _load_pipeline(cfg: EditConfig, device: torch.device, classes: List[str]) -> DIFFusionPipeline:
+def load_pipeline(cfg: EditConfig, device: torch.device) -> DIFFusionPipeline:
+    """The pipeline of an editing config: the models on ``device``, its LoRA adapter and GPU settings, and the class
+    embeddings computed first when ``compute_missing_embeds`` (the run, the one-image command and the app share it)."""
     pipe = DIFFusionPipeline.from_config(cfg.model, device=device, batch_size=cfg.batch_size,
                                          background=tuple(cfg.data.background))
     if cfg.lora.path:
@@ -228,6 +230,12 @@ def _load_pipeline(cfg: EditConfig, device: torch.device, classes: List[str]) ->
     return pipe
 
 
+def load_means(cfg: EditConfig, pipe: DIFFusionPipeline, classes: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """The class means of ``classes`` from ``embeds_dir``, checked to come from this pipeline's image encoder."""
+    return load_class_means(cfg.embeds_dir, list(classes), pipe.encoder.embed_dim, cfg.class_mean_images,
+                            expected_encoder=pipe.encoder.fingerprint)
+
+
 def _edit_items(cfg: EditConfig, items: List[EditItem], classes: List[str], writer: ResultsWriter, done: set,
                 state, given: Classifiers) -> None:
     device = _device(cfg, state)
@@ -235,9 +243,8 @@ def _edit_items(cfg: EditConfig, items: List[EditItem], classes: List[str], writ
     involved = [c for c in classes if any(c in pair for pair in resolve_directions(cfg, classes))]
     clf = load_classifiers(cfg, involved, device, given)
     lpips = Lpips(device) if cfg.lpips else None
-    pipe = _load_pipeline(cfg, device, classes)
-    means = load_class_means(cfg.embeds_dir, involved, pipe.encoder.embed_dim, cfg.class_mean_images,
-                             expected_encoder=pipe.encoder.fingerprint)
+    pipe = load_pipeline(cfg, device)
+    means = load_means(cfg, pipe, involved)
     log.info("edit: %d items, T=%d, guidance %g, eta %s, search %s, t_skips %s, batch %d, device %s, dtype %s",
              len(items), cfg.num_inference_steps, cfg.guidance_scale, list(cfg.eta), cfg.search.value,
              sorted(cfg.t_skips, reverse=True) if cfg.search != SearchMode.fixed else [cfg.t_skip], cfg.batch_size,
