@@ -1,6 +1,6 @@
 """Remake the teaching views of finished editing runs from their files, without loading a model: per edit a flicker
 GIF and a difference map, per image an interpolation strip, the run's figures (figures/: PNG, SVG, figures.csv and
-figures.json) and the pages index.html and quiz.html.
+figures.json) and the pages index.html, quiz.html and study.html.
 
     python scripts/make_views.py RUN_DIR [RUN_DIR ...] [--frame_ms MS]
 
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
         except user_errors() as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_USER_ERROR
-        print(f"{views['index']}\n{views['quiz']}")
+        print("\n".join(str(views[page]) for page in ("index", "quiz", "study") if views.get(page)))
     return 0
 
 

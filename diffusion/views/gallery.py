@@ -185,11 +185,13 @@ def write_views(run_dir: Path, frame_ms: int = DEFAULT_FRAME_MS, quiz_seed: int 
                               "width_px": f["width_px"]} for f in write_run_figures(run_dir, rows)]
     copies = OpaqueCopies(run_dir)
     quiz = quiz_data(run_dir, rows, cards, classes, quiz_seed, copies)
-    atomic_write_text(run_dir / "index.html", render_page("index.html", f"{title}: counterfactual edits",
-                                                          "gallery.js", index_data))
     atomic_write_text(run_dir / "quiz.html", render_page("quiz.html", f"{title}: lesson and quiz",
                                                          ["blind.js", "quiz.js"], quiz))
     study_page = write_study_page(run_dir, rows, cards, classes, title, study, copies)
+    if study_page is not None:  # the organiser's way in (the study page itself links nowhere: it shows no classes)
+        index_data["links"]["study.html"] = url("study.html")
+    atomic_write_text(run_dir / "index.html", render_page("index.html", f"{title}: counterfactual edits",
+                                                          "gallery.js", index_data))
     copies.prune()
     counts = {
         "index": str(run_dir / "index.html"), "quiz": str(run_dir / "quiz.html"), "study": study_page,
