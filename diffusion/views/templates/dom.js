@@ -19,3 +19,23 @@ function el(tag, attrs) {
   }
   return node;
 }
+
+// $("id"): the element with that id.
+function $(id) { return document.getElementById(id); }
+
+// Show one of a page's screens (sections by id) and hide the others.
+function showScreen(screens, name) {
+  screens.forEach(function (s) { $(s).hidden = s !== name; });
+  window.scrollTo(0, 0);
+}
+
+// An image (crisp pixels when small images are enlarged), or a placeholder when its file is missing.
+function picture(src, alt, pixelated) {
+  return src ? el("img", {src: src, alt: alt, className: pixelated ? "px" : null})
+             : el("div", {className: "missing", text: "(image missing)"});
+}
+
+// "a", "a and b", "a, b and c".
+function listing(names) {
+  return names.length < 2 ? names.join("") : names.slice(0, -1).join(", ") + " and " + names[names.length - 1];
+}

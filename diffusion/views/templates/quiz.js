@@ -9,18 +9,8 @@
   var screens = ["intro", "lesson", "quiz", "result"];
   var state = {index: 0, answers: [], shownAt: 0, waiting: false};
 
-  function $(id) { return document.getElementById(id); }
-  function show(name) {
-    screens.forEach(function (s) { $(s).hidden = s !== name; });
-    window.scrollTo(0, 0);
-  }
-  function picture(src, alt) {
-    return src ? el("img", {src: src, alt: alt, className: data.pixelated ? "px" : null})
-               : el("div", {className: "missing", text: "(image missing)"});
-  }
-  function listing(names) {
-    return names.length < 2 ? names.join("") : names.slice(0, -1).join(", ") + " and " + names[names.length - 1];
-  }
+  function show(name) { showScreen(screens, name); }
+  function pic(src, alt) { return picture(src, alt, data.pixelated); }
 
   // ---- intro and lesson ---------------------------------------------------------------------------------------
   if (data.classes.length === 2) {
@@ -41,11 +31,11 @@
     "classes apart.";
   data.lesson.forEach(function (item) {
     var pair = el("div", {className: "lesson-pair"},
-      el("figure", {}, picture(item.original, "real " + item.source_class),
+      el("figure", {}, pic(item.original, "real " + item.source_class),
          el("figcaption", {}, el("strong", {text: item.source_class}), " (real)")),
-      el("figure", {}, picture(item.counterfactual, "edited to " + item.target_class),
+      el("figure", {}, pic(item.counterfactual, "edited to " + item.target_class),
          el("figcaption", {}, "as ", el("strong", {text: item.target_class}), " (edited)")),
-      el("figure", {}, picture(item.gif, "flicker between the two"),
+      el("figure", {}, pic(item.gif, "flicker between the two"),
          el("figcaption", {text: item.source_class + " " + ARROW + " " + item.target_class})));
     $("lesson-pairs").appendChild(pair);
   });
@@ -125,7 +115,7 @@
     table.appendChild(body);
     $("per-class").replaceChildren(table);
     $("review").replaceChildren.apply($("review"), state.answers.map(function (a) {
-      return el("figure", {className: a.correct ? "right" : "wrong"}, picture(a.image, "quiz image"),
+      return el("figure", {className: a.correct ? "right" : "wrong"}, pic(a.image, "quiz image"),
                 el("figcaption", {text: (a.correct ? "\u2713 " : "\u2717 ") + "you: " + a.answer + ", true: " +
                                         a.truth}));
     }));

@@ -13,18 +13,8 @@
   var params = new URLSearchParams(window.location.search);
   var state = null;
 
-  function $(id) { return document.getElementById(id); }
-  function show(name) {
-    screens.forEach(function (s) { $(s).hidden = s !== name; });
-    window.scrollTo(0, 0);
-  }
-  function picture(src, alt) {
-    return src ? el("img", {src: src, alt: alt, className: data.pixelated ? "px" : null})
-               : el("div", {className: "missing", text: "(image missing)"});
-  }
-  function listing(names) {
-    return names.length < 2 ? names.join("") : names.slice(0, -1).join(", ") + " and " + names[names.length - 1];
-  }
+  function show(name) { showScreen(screens, name); }
+  function pic(src, alt) { return picture(src, alt, data.pixelated); }
   function plural(n, word) { return n + " " + word + (n === 1 ? "" : "s"); }
 
   // ---- the participant's arm and orders (study.py: participant_arm, participant_order) ----------------------
@@ -163,13 +153,13 @@
 
   function lessonPair(item, withDiff) {
     return el("div", {className: "lesson-pair"},
-      el("figure", {}, picture(item.original, "real " + item["class"]),
+      el("figure", {}, pic(item.original, "real " + item["class"]),
          el("figcaption", {}, el("strong", {text: item["class"]}), " (real)")),
-      el("figure", {}, picture(item.counterfactual, "edited to " + item.target),
+      el("figure", {}, pic(item.counterfactual, "edited to " + item.target),
          el("figcaption", {}, "as ", el("strong", {text: item.target}), " (edited)")),
-      el("figure", {}, picture(item.gif, "the two alternating"),
+      el("figure", {}, pic(item.gif, "the two alternating"),
          el("figcaption", {text: item["class"] + " " + ARROW + " " + item.target})),
-      withDiff ? el("figure", {}, picture(item.diff, "where they differ"),
+      withDiff ? el("figure", {}, pic(item.diff, "where they differ"),
                     el("figcaption", {text: "where they differ"})) : null);
   }
 
@@ -185,7 +175,7 @@
         box.appendChild(el("h3", {className: "example-head", text: "Examples of " + cls}));
         var row = el("div", {className: "example-row"});
         mine.forEach(function (it) {
-          row.appendChild(el("figure", {}, picture(it.original, "a real " + cls),
+          row.appendChild(el("figure", {}, pic(it.original, "a real " + cls),
                              el("figcaption", {}, el("strong", {text: cls}))));
         });
         box.appendChild(row);
