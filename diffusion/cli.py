@@ -56,15 +56,46 @@ def _usage(prog: str, schema: type, description: str) -> str:
     return "\n".join(lines)
 
 
-def make_parser(schema: type, description: str, prog: Optional[str] = None) -> argparse.ArgumentParser:
+def add_overrides(parser: argparse.ArgumentParser) -> None:
+    """The trailing key.sub=value positionals (add them after a command's own positionals)."""
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the YAML")
+
+
+def make_parser(schema: type, description: str, prog: Optional[str] = None, config_required: bool = False,
+                overrides: bool = True) -> argparse.ArgumentParser:
+    """The parser every config-driven command shares: --config_path, --print_config, key=value overrides (unless
+    ``overrides`` is False: then call :func:`add_overrides` after adding positionals of your own), and the schema's
+    keys in --help. Commands with options of their own add them to it."""
     epilog = "config keys (set in the YAML, or as key.sub=value overrides after it):\n" + help_text(schema)
     parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config_path", help="YAML file (see configs/); the paper's domain names work too, e.g. "
-                                              "configs/edit/retina.yaml")
+    parser.add_argument("--config_path", required=config_required,
+                        help="YAML file (see configs/); the paper's domain names work too, e.g. configs/edit/retina.yaml")
     parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the YAML")
+    if overrides:
+        add_overrides(parser)
     return parser
+
+
+def config_from_args(schema: Type[C], args: argparse.Namespace, overrides: Optional[Sequence[str]] = None,
+                     check: Optional[Callable[[], None]] = None) -> C:
+    """The validated config of parsed arguments (``overrides``: instead of ``args.overrides``); ``check`` may raise
+    a ConfigError about the command's own options. A bad config logs one line and exits 2; ``--print_config``
+    prints the merged config and exits 0."""
+    try:
+        if check is not None:
+            check()
+        if args.config_path is None:
+            raise ConfigError("--config_path is required: " + (", ".join(available_configs(schema)) or
+                                                               f"a YAML file in configs/{config_kind(schema)}/"))
+        cfg = load_config(schema, args.config_path, list(args.overrides if overrides is None else overrides))
+    except ConfigError as err:
+        log.error("config error: %s", err)
+        raise SystemExit(EXIT_USER_ERROR) from None
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        raise SystemExit(0)
+    return cfg
 
 
 def parse_args(schema: Type[C], argv: Optional[Sequence[str]] = None, description: str = "",
@@ -76,18 +107,7 @@ def parse_args(schema: Type[C], argv: Optional[Sequence[str]] = None, descriptio
         print(_usage(_display_prog(), schema, description))
         raise SystemExit(EXIT_USER_ERROR)
     args = make_parser(schema, description, prog).parse_args(argv)
-    try:
-        if args.config_path is None:
-            raise ConfigError("--config_path is required: " + (", ".join(available_configs(schema)) or
-                                                               f"a YAML file in configs/{config_kind(schema)}/"))
-        cfg = load_config(schema, args.config_path, args.overrides)
-    except ConfigError as err:
-        log.error("config error: %s", err)
-        raise SystemExit(EXIT_USER_ERROR) from None
-    if args.print_config:
-        print(to_yaml(cfg), end="")
-        raise SystemExit(0)
-    return cfg
+    return config_from_args(schema, args)
 
 
 def _display_prog() -> str:

@@ -13,36 +13,33 @@ import argparse
 import sys
 from typing import List, Optional
 
-from diffusion.cli import EXIT_USER_ERROR, guarded, log, setup_logging
-from diffusion.config import EditConfig, help_text, load_config, to_yaml
+from diffusion.cli import config_from_args, guarded, setup_logging
+from diffusion.cli import make_parser as make_config_parser
+from diffusion.config import EditConfig
 from diffusion.errors import ConfigError
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="scripts/app.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (set in the YAML, or as key.sub=value overrides):\n" + help_text(EditConfig))
-    parser.add_argument("--config_path", required=True, help="an editing config (configs/edit/<dataset>.yaml)")
+    parser = make_config_parser(EditConfig, __doc__, prog="scripts/app.py", config_required=True)
     parser.add_argument("--port", type=int, help="port to serve on (default: the first free one from 7860)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
                                                             "0.0.0.0 serves the local network, without a password)")
-    parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides, e.g. guidance_scale=3")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     setup_logging()
     args = make_parser().parse_intermixed_args(argv)
-    try:
+
+    def check_port() -> None:
         if args.port is not None and not 0 < args.port < 65536:
             raise ConfigError(f"--port {args.port} is not a port number (1..65535)")
-        cfg = load_config(EditConfig, args.config_path, args.overrides)
-    except ConfigError as err:
-        log.error("config error: %s", err)
-        sys.exit(EXIT_USER_ERROR)
-    if args.print_config:
-        print(to_yaml(cfg), end="")
+
+    try:
+        cfg = config_from_args(EditConfig, args, check=check_port)
+    except SystemExit as done:
+        if done.code:
+            sys.exit(done.code)
         return
 
     def work() -> None:

@@ -15,25 +15,23 @@ import argparse
 import sys
 from typing import List, Optional
 
-from diffusion.cli import EXIT_USER_ERROR, guarded, log, setup_logging
-from diffusion.config import EditConfig, help_text, load_config, to_yaml
+from diffusion.cli import add_overrides, config_from_args, guarded, setup_logging
+from diffusion.cli import make_parser as make_config_parser
+from diffusion.config import EditConfig
 from diffusion.errors import ConfigError
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="scripts/edit_image.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (set in the YAML, or as key.sub=value overrides):\n" + help_text(EditConfig))
+    parser = make_config_parser(EditConfig, __doc__, prog="scripts/edit_image.py", config_required=True,
+                                overrides=False)
     parser.add_argument("image", help="the image file to edit (any image format, or .npy)")
-    parser.add_argument("--config_path", required=True, help="an editing config (configs/edit/<dataset>.yaml)")
     parser.add_argument("--target", required=True, help="the class to edit the image towards")
     parser.add_argument("--source", help="the image's class (default: the oracle's prediction)")
     parser.add_argument("--eta", type=float, help="manipulation scale; the same as eta=[ETA] (several: eta=[1,2])")
     parser.add_argument("--t_skip", type=float, help="edit at this t_skip (0..1) instead of searching; the same as "
                                                      "search=fixed t_skip=T")
     parser.add_argument("--output", help="folder for the files (default: <output_dir>/single/<image>_to_<target>)")
-    parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides, e.g. guidance_scale=3")
+    add_overrides(parser)
     return parser
 
 
@@ -46,15 +44,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         overrides.append(f"eta=[{args.eta!r}]")
     if args.t_skip is not None:
         overrides += ["search=fixed", f"t_skip={args.t_skip!r}"]
-    try:
+    def check_t_skip() -> None:
         if args.t_skip is not None and not 0.0 <= args.t_skip <= 1.0:
             raise ConfigError(f"--t_skip {args.t_skip:g} must lie in [0, 1] (the share of the steps skipped)")
-        cfg = load_config(EditConfig, args.config_path, overrides)
-    except ConfigError as err:
-        log.error("config error: %s", err)
-        sys.exit(EXIT_USER_ERROR)
-    if args.print_config:
-        print(to_yaml(cfg), end="")
+
+    try:
+        cfg = config_from_args(EditConfig, args, overrides, check=check_t_skip)
+    except SystemExit as done:
+        if done.code:
+            sys.exit(done.code)
         return
 
     def work() -> None:
