@@ -1,5 +1,5 @@
 // index.html: the run summary and one card per edit, built from the JSON block #run-data (written by
-// diffusion/gallery.py). Plain DOM, no libraries, no network: the page works when opened from disk.
+// diffusion/views/gallery.py). Plain DOM, no libraries, no network: the page works when opened from disk.
 "use strict";
 (function () {
   var data = JSON.parse(document.getElementById("run-data").textContent);
