@@ -166,7 +166,7 @@ def _print(r: dict) -> None:
     s = r["settings"]
     print(f"\n{r['config']}: eta {s['eta']}, guidance {s['guidance_scale']}, search {s['search']}, flip_threshold "
           f"{s['flip_threshold']}, T {s['num_inference_steps']}, {r['per_class']} test images per direction")
-    print(f"oracle {s['oracle_dir']}: {r['oracle']}\njudge {s['judge_dir']}: {r['judge']}\n")
+    print(f"oracle: {r['oracle']}\njudge: {r['judge']}\n")
     print("| direction | method | oracle flip rate | **judge flip rate** (95% CI) | judged flips closer than nearest "
           "real target | L2, judged flips | L2, all attempted |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

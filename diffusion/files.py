@@ -116,6 +116,9 @@ def atomic_dir(path: PathLike, replace: bool = True) -> Iterator[Path]:
     make_dirs(path.parent)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the folder it becomes must not be
     except OSError as err:
         raise output_error(path, err, "create folder") from err
     with _removed_on_failure(tmp, path):

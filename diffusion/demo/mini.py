@@ -15,6 +15,7 @@ loaded by the same loader. Three stages, each written to disk when it finishes (
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -275,7 +276,7 @@ def train_mini_model(cfg: MiniConfig) -> dict:
         unet, report["unet"] = train_unet(cfg, lat_train, e_train, c0, gen)
         _save_atomic(lambda p: _save_half(unet, p, save_dtype), unet_dir)
         kandinsky_scheduler().save_pretrained(out / "decoder" / "scheduler")
-    report["config"] = {k: v for k, v in vars(cfg).items() if k not in ("data",)}
+    report["config"] = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "data"}
     report["config"]["data"] = {"name": cfg.data.name, "root": cfg.data.root, "classes": list(cfg.data.classes)}
     report["config"]["save_dtype"] = cfg.save_dtype.value
     write_report(out, report)

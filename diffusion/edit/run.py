@@ -352,6 +352,13 @@ def _rows(cfg: EditConfig, result: DIFFusionOutput, items: List[EditItem], sourc
     return rows
 
 
+def _with_ci(value: Optional[float], ci: Optional[List[float]]) -> str:
+    """'0.95 [0.76, 0.99]', or '' when there is no value."""
+    if value is None:
+        return ""
+    return f"{value:.3g}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
 def _argmax(probs: Dict[str, float]) -> Optional[str]:
     """The class with the highest finite probability (None when there is none: a NaN edit has no prediction)."""
     finite = {k: v for k, v in probs.items() if math.isfinite(v)}
@@ -404,8 +411,12 @@ def finish_run(cfg: EditConfig, items: Optional[List[EditItem]] = None) -> Dict[
     except Exception as err:  # informative only; never fail a finished run over it
         log.warning("class-mean geometry not computed: %s", err)
     atomic_write_json(out / "summary.json", summary)
-    log.info("results: %s (%d rows); flip rate %s, LPIPS (flipped) %s, UNet evals/image %s",
-             out / "results.csv", len(rows), fmt(summary["flip_rate"]) or "n/a (no oracle)",
+    log.info("results: %s (%d rows); flip rate: oracle %s, judge %s; L2 (flipped) %s, LPIPS (flipped) %s, UNet "
+             "evals/image %s", out / "results.csv", len(rows),
+             _with_ci(summary.get("flip_rate"), summary.get("flip_rate_ci")) or "n/a (no oracle)",
+             _with_ci(summary.get("judge_flip_rate"), summary.get("judge_flip_rate_ci")) or "n/a (no judge_dir: the "
+             "oracle's rate is not an independent measure)",
+             _with_ci(summary.get("l2_mean"), summary.get("l2_mean_ci")) or "n/a",
              fmt(summary["lpips_mean"]) or "n/a", fmt(summary["unet_evals_per_image"]))
     if cfg.views.enabled:
         from diffusion.views.gallery import write_views
