@@ -240,3 +240,19 @@ def test_an_image_with_several_targets_is_inverted_once_and_edits_as_if_alone(pa
     assert (shared[0].chosen.picture - shared[1].chosen.picture).abs().max() > 1e-3  # different targets differ
     with pytest.raises(ValueError, match="image_of_item"):
         _edit(decoder, encoder, images, e, mu_s3, mu_t, _gens(2), image_of=[0, 0, 2], t_skips=(0.5,))
+
+
+def test_the_flip_criterion_threshold_agreement_and_non_finite_probabilities():
+    from diffusion.edit.search import FlipCriterion
+
+    probs = torch.tensor([0.3, 0.7])  # the ensemble: target (index 1) is the argmax at 0.7
+    members = torch.tensor([[0.1, 0.9], [0.5, 0.5]])  # one member convinced, one on the fence
+    assert FlipCriterion().met(probs, 1) and not FlipCriterion().met(probs, 0)  # the paper's argmax rule
+    assert FlipCriterion(0.6).met(probs, 1) and not FlipCriterion(0.8).met(probs, 1)
+    assert not FlipCriterion(0.6, "all").met(probs, 1, members)  # the second member does not reach 0.6
+    assert FlipCriterion(0.5, "all").met(probs, 1, members)
+    assert not FlipCriterion().met(torch.tensor([float("nan"), 0.2]), 1)  # NaN is never a flip
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        FlipCriterion(1.0)
+    with pytest.raises(ValueError, match="per-member"):
+        FlipCriterion(0.5, "all").met(probs, 1)
