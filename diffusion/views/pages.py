@@ -30,7 +30,8 @@ def embed_json(data: object) -> str:
 
 def render_page(template: str, title: str, script: str | Sequence[str], data: object,
                 extra_css: Sequence[str] = ()) -> str:
-    """A template from ``templates/`` with ``{{ title }}``, ``{{ css }}`` (gallery.css, then ``extra_css``), ``{{ js }}``
+    """A template from ``templates/`` with ``{{ head }}`` (doctype, title, the CSS: gallery.css, then ``extra_css``),
+    ``{{ title }}``, ``{{ js }}``
     (dom.js, then ``script``: one template name or several, in order) and ``{{ data }}`` filled in one pass (text put
     in is never scanned for further fields)."""
     scripts = [script] if isinstance(script, str) else list(script)
@@ -40,7 +41,10 @@ def render_page(template: str, title: str, script: str | Sequence[str], data: ob
         raise ValueError(f"templates/{script}, dom.js or gallery.css contains '</': it would end the inline block "
                          "early")
     title = escape(title).encode("ascii", "xmlcharrefreplace").decode("ascii")
-    fields = {"title": title, "css": css, "js": js, "data": embed_json(data)}
+    head = ('<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f"<title>{title}</title>\n<style>\n{css}\n</style>\n</head>")  # the same head for every page
+    fields = {"head": head, "title": title, "js": js, "data": embed_json(data)}
     page = (TEMPLATES / template).read_text(encoding="utf-8")
     page = re.sub(r"\{\{ (\w+) \}\}", lambda m: fields[m.group(1)], page)
     if not page.isascii():
