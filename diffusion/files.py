@@ -216,8 +216,9 @@ def _pid_alive(pid: int) -> bool:
 @contextlib.contextmanager
 def run_lock(folder: PathLike) -> Iterator[Path]:
     """Hold ``folder/.lock`` while a run writes into ``folder``: a second run into the same folder is refused with a
-    BusyError naming the holder, instead of both doing all the work. A lock left by a process that no longer runs
-    (a kill -9, a power cut) on this machine is taken over with a warning."""
+    BusyError naming the holder, instead of both doing all the work. The process that holds it, and the other
+    processes of its torchrun / accelerate job, share it. A lock left by a process that no longer runs (a kill -9, a
+    power cut) on this machine is taken over with a warning."""
     import logging
     import socket
     import time
@@ -226,7 +227,9 @@ def run_lock(folder: PathLike) -> Iterator[Path]:
 
     folder = make_dirs(folder)
     lock = folder / LOCK_NAME
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    # the processes of one torchrun / accelerate job share a lock: they write into one folder together
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "job": os.environ.get("TORCHELASTIC_RUN_ID"),
+          "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     for attempt in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -236,7 +239,8 @@ def run_lock(folder: PathLike) -> Iterator[Path]:
             except (OSError, ValueError):
                 holder = {}
             pid, host = holder.get("pid"), holder.get("host")
-            if pid == me["pid"] and host == me["host"]:  # this process holds it already (a nested step): share it
+            same_job = me["job"] is not None and holder.get("job") == me["job"]
+            if host == me["host"] and (pid == me["pid"] or same_job):  # this process or its job holds it: share it
                 yield lock
                 return
             if attempt == 0 and host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):

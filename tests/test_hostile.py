@@ -366,3 +366,20 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_and_a_moved_run_r
                                                                 "max_train_steps=3", *args]))
     assert result.resumed_from.name == "checkpoint-1" and result.global_step == 3
     assert "checkpoint-2 is damaged" in caplog.text and "previous complete checkpoint" in caplog.text
+
+
+def test_the_processes_of_one_distributed_job_share_the_lock(tmp_path, monkeypatch):
+    import socket
+
+    from diffusion.errors import BusyError
+    from diffusion.files import run_lock
+
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "host": socket.gethostname(), "job": "job-a"}))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
+    with run_lock(tmp_path):  # another rank of the same torchrun job: shared, not refused
+        pass
+    assert (tmp_path / ".lock").exists()  # and left to its owner
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")
+    with pytest.raises(BusyError, match="in use by another run"):
+        with run_lock(tmp_path):
+            pass
