@@ -2,14 +2,17 @@
 
     python scripts/calibrate.py --config_path configs/edit/demo.yaml --pairs 3,8 4,9 1,7 0,6 \\
         --etas 0.75 1 1.5 --guidance 1 2 4 --thresholds argmax 0.8 --agreements mean all --images 8 \\
-        [--output snippet.yaml] [key=value ...]
+        [--output snippet.yaml] [-- key=value ...]
+
+Config overrides (key=value) go after a lone `--`, since the list options above would take them as values.
 
 Every setting is run on --images held-out train images per class, both ways of every pair; the oracle (oracle_dir)
 picks each image's t_skip as `search: first_flip` would, and the independent judge (judge_dir) scores the result.
 Printed: every setting's oracle and judge flip rates (with a 95% Wilson interval), the share of judged flips closer
 to their source than the source is to its nearest real train image of the target class, and their pixel L2. The rule
-(diffusion/edit/calibrate.py: choose): among settings whose judged flips are closer than the nearest real target for
-at least 90% of them, the highest judge flip rate of the worst direction, then overall, then the smallest L2. The
+(diffusion/edit/calibrate.py: choose): the setting whose worst direction does best on both counts (per direction, the
+smaller of the judge flip rate and the closer share; the highest such minimum over directions), then the highest
+overall judge flip rate, then closer share, then the smallest L2. The
 chosen values are printed (and written to --output) as a config snippet.
 """
 
@@ -31,10 +34,20 @@ def _pair(text: str):
     return parts[0], parts[1]
 
 
+def _number(text: str) -> float:
+    if "=" in text:
+        raise argparse.ArgumentTypeError(f"'{text}' looks like a config override: put overrides after a lone --, "
+                                         "e.g. ... --t_skips 0.9 0.7 -- model.device=cuda")
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+
+
 def _threshold(text: str):
     if text == "argmax":
         return None
-    value = float(text)
+    value = _number(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"flip_threshold {text} must lie strictly between 0 and 1 (or be argmax)")
     return value
@@ -46,16 +59,16 @@ def main(argv=None) -> int:
     parser.add_argument("--pairs", type=_pair, nargs="+", help="class pairs a,b (both directions are edited); "
                                                               "default: the config's two classes")
     parser.add_argument("--images", type=int, default=8, help="validation images per class (held out of the means)")
-    parser.add_argument("--etas", type=float, nargs="+", default=[0.75, 1.0, 1.5])
-    parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    parser.add_argument("--etas", type=_number, nargs="+", default=[0.75, 1.0, 1.5])
+    parser.add_argument("--guidance", type=_number, nargs="+", default=[1.0, 2.0, 4.0])
     parser.add_argument("--thresholds", type=_threshold, nargs="+", default=[None, 0.8],
                         help="flip_threshold values; 'argmax' is the paper's rule")
     parser.add_argument("--agreements", nargs="+", default=["mean"], choices=["mean", "all"],
                         help="flip_agreement values: mean (the ensemble decides) or all (every member too)")
-    parser.add_argument("--t_skips", type=float, nargs="+", help="default: the config's t_skips")
+    parser.add_argument("--t_skips", type=_number, nargs="+", help="default: the config's t_skips")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="also write the chosen config snippet here")
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value, after a lone --")
     args = parser.parse_args(argv)
     setup_logging()
 
@@ -84,11 +97,12 @@ def main(argv=None) -> int:
                             args.images, args.seed)
         chosen = choose(results)
         print(table(results, chosen))
-        print(f"\nrule: among settings whose judged flips are closer to their source than its nearest real image of "
-              f"the target class for >= 90% of them, the highest worst-direction judge flip rate, then overall, "
-              f"then the smallest L2 ({args.images} validation images per class from {cfg.data.train_split}).")
+        print(f"\nrule: the setting whose worst direction does best on both counts (per direction the smaller of the "
+              f"judge flip rate and the share of judged flips closer to their source than its nearest real image of "
+              f"the target class; the highest such minimum), then the highest overall judge flip rate, closer share, "
+              f"smallest L2 ({args.images} validation images per class from {cfg.data.train_split}).")
         if chosen is None:
-            print("no setting meets the closeness condition: try smaller etas or guidance")
+            print("no setting made an edit the judge accepts: try larger etas or guidance, or check the judge")
             return
         text = snippet(chosen, pairs, args.images)
         print("\n" + text, end="")
