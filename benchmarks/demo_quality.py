@@ -2,7 +2,7 @@
 identity, on several digit pairs, and better than SDEdit?
 
     python benchmarks/demo_quality.py [--config configs/edit/demo.yaml] [--pairs 3,8 4,9 1,7 0,6] [--per_class 20]
-                                      [--json FILE] [key=value ...]
+                                      [--json FILE] [-- key=value ...]
 
 For each pair, both directions, on the first --per_class TEST images of the source class (the images the demo edits;
 the settings were chosen on held-out TRAIN images by scripts/calibrate.py), with the config's settings:
@@ -94,6 +94,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    bad = [p for p in args.pairs if "=" in p or len(p.split(",")) != 2]
+    if bad:
+        parser.error(f"--pairs {bad[0]!r} is not a pair like 3,8" + (": config overrides go after a lone --, e.g. "
+                     "--pairs 3,8 -- model.device=cuda" if "=" in bad[0] else ""))
     pairs = [tuple(p.split(",")) for p in args.pairs]
     classes = sorted({c for p in pairs for c in p})
     base = load_config(EditConfig, args.config, [*args.overrides, f"data.num_samples={args.per_class}"])

@@ -7,6 +7,7 @@ init on 32 px shapes.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -561,3 +562,13 @@ def test_train_classifiers_script_runs_the_demo_config(tmp_path) -> None:
                            capture_output=True, text=True, timeout=300, env=env)
     assert gated.returncode == 2 and "no member reached min_accuracy 1" in gated.stderr
     assert not list((tmp_path / "gated").glob("*.safetensors"))
+
+
+def test_the_run_log_gives_the_oracles_accuracy_on_the_runs_pair(caplog) -> None:
+    """An editing run between two digits logs the shipped oracle's accuracy on that pair, not only on ten digits."""
+    from diffusion.edit.run import _load_classifier
+
+    with caplog.at_level(logging.INFO, logger="diffusion.edit.run"):
+        _load_classifier(str(REPO / "assets" / "mini_digits_oracle"), "oracle_dir", ["4", "9"], torch.device("cpu"))
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("oracle: ")]
+    assert "ensemble test accuracy" in line and "on 4/9 alone" in line

@@ -111,7 +111,9 @@ def _load_classifier(folder: Optional[str], key: str, classes: List[str], device
     classifier = _load(folder, device=device)
     _check_classes(classifier, key, folder, classes)
     summary = getattr(classifier, "accuracy_summary", None)
-    log.info("%s: %s", key.replace("_dir", ""), summary() if callable(summary) else f"{folder} (no accuracy record)")
+    # with the run's two classes the line adds the accuracy on that pair alone, the figure that matters here
+    log.info("%s: %s", key.replace("_dir", ""),
+             summary(classes) if callable(summary) else f"{folder} (no accuracy record)")
     return classifier
 
 
