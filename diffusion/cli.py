@@ -93,6 +93,7 @@ def config_from_args(schema: Type[C], args: argparse.Namespace, overrides: Optio
         log.error("config error: %s", err)
         raise SystemExit(EXIT_USER_ERROR) from None
     if args.print_config:
+        # the command's product, not a diagnostic: stdout, unprefixed, so `--print_config > run.yaml` is a config
         print(to_yaml(cfg), end="")
         raise SystemExit(0)
     return cfg
@@ -104,6 +105,7 @@ def parse_args(schema: Type[C], argv: Optional[Sequence[str]] = None, descriptio
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or _display_prog()
     if not argv:
+        # the usage text the user asked for by giving nothing (on stdout, like argparse's --help), not a log record
         print(_usage(_display_prog(), schema, description))
         raise SystemExit(EXIT_USER_ERROR)
     args = make_parser(schema, description, prog).parse_args(argv)

@@ -22,8 +22,9 @@ import argparse
 import dataclasses
 import sys
 
-from diffusion.cli import guarded, setup_logging
-from diffusion.config import EditConfig, load_config
+from diffusion.cli import add_overrides, config_from_args, guarded, setup_logging
+from diffusion.cli import make_parser as make_config_parser
+from diffusion.config import EditConfig
 from diffusion.errors import ConfigError
 
 
@@ -54,8 +55,8 @@ def _threshold(text: str):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config_path", required=True)
+    parser = make_config_parser(EditConfig, __doc__, prog="scripts/calibrate.py", config_required=True,
+                                overrides=False)
     parser.add_argument("--pairs", type=_pair, nargs="+", help="class pairs a,b (both directions are edited); "
                                                               "default: the config's two classes")
     parser.add_argument("--images", type=int, default=8, help="validation images per class (held out of the means)")
@@ -68,9 +69,15 @@ def main(argv=None) -> int:
     parser.add_argument("--t_skips", type=_number, nargs="+", help="default: the config's t_skips")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="also write the chosen config snippet here")
-    parser.add_argument("overrides", nargs="*", help="config overrides key=value, after a lone --")
+    add_overrides(parser)
     args = parser.parse_args(argv)
     setup_logging()
+
+    def check_images() -> None:
+        if args.images < 1:
+            raise ConfigError("--images must be at least 1")
+
+    base = config_from_args(EditConfig, args, check=check_images)
 
     def work() -> None:
         from diffusion.devices import resolve_device
@@ -78,17 +85,14 @@ def main(argv=None) -> int:
         from diffusion.edit.run import load_classifiers, load_pipeline
         from diffusion.files import atomic_write_text
 
-        cfg = load_config(EditConfig, args.config_path, args.overrides)
-        if args.images < 1:
-            raise ConfigError("--images must be at least 1")
-        if cfg.oracle_dir is None or cfg.judge_dir is None:
+        if base.oracle_dir is None or base.judge_dir is None:
             raise ConfigError("calibration needs both oracle_dir (it picks t_skip) and judge_dir (it scores the "
                               "edits): set them in the config or as overrides")
-        pairs = args.pairs or ([tuple(cfg.data.classes)] if len(cfg.data.classes) == 2 else None)
+        pairs = args.pairs or ([tuple(base.data.classes)] if len(base.data.classes) == 2 else None)
         if not pairs:
             raise ConfigError("name the class pairs with --pairs a,b [c,d ...] (the config does not list two classes)")
         classes = sorted({c for p in pairs for c in p})
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, classes=classes, num_samples=None))
+        cfg = dataclasses.replace(base, data=dataclasses.replace(base.data, classes=classes, num_samples=None))
         clf = load_classifiers(cfg, classes, resolve_device(cfg.model.device))
         pipe = load_pipeline(cfg, resolve_device(cfg.model.device))
         settings = [Setting(e, g, t, a) for e in args.etas for g in args.guidance for t in args.thresholds

@@ -44,6 +44,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         overrides.append(f"eta=[{args.eta!r}]")
     if args.t_skip is not None:
         overrides += ["search=fixed", f"t_skip={args.t_skip!r}"]
+
     def check_t_skip() -> None:
         if args.t_skip is not None and not 0.0 <= args.t_skip <= 1.0:
             raise ConfigError(f"--t_skip {args.t_skip:g} must lie in [0, 1] (the share of the steps skipped)")
