@@ -577,9 +577,23 @@ class MiniConfig(Schema):
                                   "trains", ge=0)
     null_prob: float = opt(0.1, "share of embeddings replaced by c_0 (the unconditional branch of guidance)",
                            ge=0, le=1)
+    unet_shift: float = opt(0.0, "UNet stage: random translation of each training image, a fraction of its "
+                                 "half-width (0 = the images as they are)", ge=0, lt=1)
+    unet_scale: float = opt(0.0, "UNet stage: random scaling of each training image by 1 +- this", ge=0, lt=1)
+    unet_rotate: float = opt(0.0, "UNet stage: random rotation of each training image, up to this many degrees",
+                             ge=0, le=180)
     batch_size: int = opt(64, "images per step", gt=0)
     save_dtype: DType = opt(DType.float16, "stored weights")
     overwrite: bool = opt(False, "retrain stages whose output already exists")
+
+    def check(self) -> None:
+        # diffusers' MoVQ and UNet blocks normalise over 32 groups, and the UNet's attention heads are 32 wide
+        self.need(self.movq_channels % 32 == 0, "movq_channels", "must be a multiple of 32 (32, 64, ...)")
+        self.need(all(c % 32 == 0 for c in self.unet_channels) and len(self.unet_channels) == 2, "unet_channels",
+                  "must be two multiples of 32, e.g. [64, 128]")
+        self.need(self.encoder_hidden % 4 == 0, "encoder_hidden", "must be a multiple of 4 (four attention heads)")
+        self.need(self.image_size % 4 == 0, "image_size", "must be a multiple of 4 (the MoVQ halves it twice)")
+        self.need(self.image_size % self.encoder_patch == 0, "encoder_patch", "must divide image_size")
 
 
 SCHEMAS: Dict[str, type] = {

@@ -96,7 +96,7 @@ def _train(name: str, params, loss_fn: Callable[[torch.Tensor], torch.Tensor], n
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if len(losses) % 25 == 0:
             bar.set_postfix(loss=f"{sum(losses[-25:]) / 25:.4f}")
     tail = losses[-min(50, len(losses)):]
@@ -104,17 +104,28 @@ def _train(name: str, params, loss_fn: Callable[[torch.Tensor], torch.Tensor], n
             "loss_last50": sum(tail) / len(tail)}
 
 
-def _random_affine(x: torch.Tensor, gen: torch.Generator, shift: float = 0.12, scale: Tuple[float, float] = (0.85, 1.15)):
-    """Per-image random translation (fraction of the half-width) and scaling, background white."""
+def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Scale (B,), translate (B, 2; a fraction of the half-width) and rotate (B,) images (B, C, H, W) about their
+    centre; the background is white."""
+    a = degrees * (math.pi / 180)
+    theta = torch.zeros(x.shape[0], 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = torch.cos(a) / scale
+    theta[:, 0, 1] = -torch.sin(a) / scale
+    theta[:, 1, 0] = torch.sin(a) / scale
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return 1 - F.grid_sample(1 - x, grid, align_corners=False, padding_mode="zeros")  # pad with white
+
+
+def _random_affine(x: torch.Tensor, gen: torch.Generator, shift: float = 0.12, scale: Tuple[float, float] = (0.85, 1.15),
+                   rotate: float = 0.0):
+    """Per-image random translation (up to ``shift`` of the half-width), scaling (in ``scale``) and rotation (up to
+    ``rotate`` degrees either way); without rotation the draws are those of the encoder stage's augmentation."""
     b = x.shape[0]
     s = torch.empty(b).uniform_(*scale, generator=gen)
     t = torch.empty(b, 2).uniform_(-shift, shift, generator=gen)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0] = 1 / s
-    theta[:, 1, 1] = 1 / s
-    theta[:, :, 2] = t
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return 1 - F.grid_sample(1 - x, grid, align_corners=False, padding_mode="zeros")  # pad with white
+    a = torch.empty(b).uniform_(-rotate, rotate, generator=gen) if rotate else torch.zeros(b)
+    return _affine(x, s, t, a)
 
 
 def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -170,25 +181,29 @@ def train_encoder(cfg: MiniConfig, images: torch.Tensor, labels: torch.Tensor, g
     return model.eval(), processor, stats
 
 
-def train_unet(cfg: MiniConfig, latents: torch.Tensor, embeds: torch.Tensor, c0: torch.Tensor,
-               gen: torch.Generator) -> Tuple[UNet2DConditionModel, Dict[str, float]]:
+def unet_augments(cfg: MiniConfig) -> bool:
+    return bool(cfg.unet_shift or cfg.unet_scale or cfg.unet_rotate)
+
+
+def train_unet(cfg: MiniConfig, batch_fn: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], n: int,
+               c0: torch.Tensor, gen: torch.Generator) -> Tuple[UNet2DConditionModel, Dict[str, float]]:
     """The LoRA trainer's epsilon objective (:func:`diffusion.train.objective.diffusion_loss`) on the full UNet, with noisy
-    embeddings (embed_noise x ||e||) and null-embedding dropout (null_prob)."""
+    embeddings (embed_noise x ||e||) and null-embedding dropout (null_prob). ``batch_fn(indices)`` gives the batch's
+    (latents, embeddings) of the ``n`` training images (augmented ones when the UNet stage augments)."""
     from diffusion.train.objective import diffusion_loss
 
     unet = build_unet(cfg).train()
     scheduler = kandinsky_scheduler()
-    d = embeds.shape[1]
 
     def loss_fn(idx):
-        w0, e = latents[idx], embeds[idx]
-        b = len(idx)
+        w0, e = batch_fn(idx)
+        b, d = e.shape
         e = e + cfg.embed_noise * e.norm(dim=1, keepdim=True) * torch.randn(b, d, generator=gen) / math.sqrt(d)
         drop = torch.rand(b, generator=gen) < cfg.null_prob
         e = torch.where(drop[:, None], c0.expand(b, -1), e)
-        return diffusion_loss(unet, scheduler, w0, e, gen, latent_channels=latents.shape[1])
+        return diffusion_loss(unet, scheduler, w0, e, gen, latent_channels=w0.shape[1])
 
-    stats = _train("unet", unet.parameters(), loss_fn, len(latents), cfg, cfg.unet_steps, cfg.unet_lr, gen)
+    stats = _train("unet", unet.parameters(), loss_fn, n, cfg, cfg.unet_steps, cfg.unet_lr, gen)
     return unet.eval(), stats
 
 
@@ -273,7 +288,16 @@ def train_mini_model(cfg: MiniConfig) -> dict:
     unet_dir = out / "decoder" / "unet"
     if not unet_dir.exists() or cfg.overwrite:
         c0 = encoder.null_embedding()
-        unet, report["unet"] = train_unet(cfg, lat_train, e_train, c0, gen)
+        if unet_augments(cfg):
+            def batch_fn(idx):  # a fresh random shift/scale/rotation of every image, encoded by the frozen stages
+                x = _random_affine(x_train[idx], gen, cfg.unet_shift, (1 - cfg.unet_scale, 1 + cfg.unet_scale),
+                                   cfg.unet_rotate)
+                with torch.no_grad():
+                    return movq_encode(movq, x), encoder.embed(x)
+        else:
+            def batch_fn(idx):
+                return lat_train[idx], e_train[idx]
+        unet, report["unet"] = train_unet(cfg, batch_fn, len(x_train), c0, gen)
         _save_atomic(lambda p: _save_half(unet, p, save_dtype), unet_dir)
         kandinsky_scheduler().save_pretrained(out / "decoder" / "scheduler")
     report["config"] = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "data"}

@@ -1,0 +1,73 @@
+"""The offline demo model's trainer (scripts/train_mini_model.py) on a micro budget: the stages, the UNet stage's
+augmentation, resuming a finished stage, and a folder the pipeline loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+
+def test_affine_identity_quarter_turn_and_white_background():
+    from diffusion.demo.mini import _affine, _random_affine
+
+    x = torch.rand(2, 3, 8, 8)
+    one, zero = torch.ones(2), torch.zeros(2)
+    assert torch.allclose(_affine(x, one, torch.zeros(2, 2), zero), x, atol=1e-5)
+    turned = _affine(x, one, torch.zeros(2, 2), torch.full((2,), 90.0))
+    assert any(torch.allclose(turned, torch.rot90(x, k, dims=(2, 3)), atol=1e-5) for k in (1, -1))
+    # a half-width shift moves the content by a quarter of the image and fills the gap with white
+    moved = _affine(x, one, torch.tensor([[0.5, 0.0]] * 2), zero)
+    assert torch.allclose(moved[..., -2:], torch.ones_like(moved[..., -2:]))
+    assert torch.allclose(moved[..., :6], x[..., 2:], atol=1e-5)
+    # zero ranges leave the images as they are; a rotation range changes every image and stays in [0, 1]
+    gen = torch.Generator().manual_seed(0)
+    assert torch.allclose(_random_affine(x, gen, shift=0.0, scale=(1.0, 1.0)), x, atol=1e-5)
+    rotated = _random_affine(x, gen, shift=0.0, scale=(1.0, 1.0), rotate=30.0)
+    assert all(not torch.allclose(rotated[k], x[k], atol=1e-3) for k in range(2))
+    assert float(rotated.min()) >= 0.0 and float(rotated.max()) <= 1.0 + 1e-6
+
+
+@pytest.mark.usefixtures("one_thread_module")
+def test_micro_mini_model_trains_augmented_and_loads(tmp_path):
+    from diffusion.config import DataConfig, MiniConfig
+    from diffusion.demo.mini import train_mini_model
+    from diffusion.pipeline import DIFFusionPipeline
+
+    out = tmp_path / "mini"
+    cfg = MiniConfig(output_dir=str(out), data=DataConfig(name="digits", root=str(tmp_path / "digits")),
+                     movq_steps=2, encoder_hidden=32, encoder_layers=1, encoder_steps=2,
+                     embed_dim=16, unet_channels=[32, 32], unet_steps=3, batch_size=8, unet_shift=0.08,
+                     unet_scale=0.1, unet_rotate=10)
+    report = train_mini_model(cfg)
+    assert {"movq", "encoder", "unet"} <= set(report)
+    assert report["unet"]["steps"] == 3 and report["config"]["unet_rotate"] == 10
+    assert json.loads((out / "training_report.json").read_text())["unet"]["steps"] == 3
+    for part in ("decoder/movq", "decoder/unet", "decoder/scheduler", "prior/image_encoder", "prior/image_processor"):
+        assert (out / part).is_dir(), part
+
+    # a rerun skips the finished stages: the UNet's weights are not touched
+    unet_file = next((out / "decoder" / "unet").glob("*.safetensors"))
+    before = unet_file.read_bytes()
+    train_mini_model(cfg)
+    assert unet_file.read_bytes() == before
+
+    pipe = DIFFusionPipeline.from_pretrained(str(out / "decoder"), str(out / "prior"), device="cpu")
+    x = torch.rand(2, 3, pipe.image_size, pipe.image_size)
+    e = pipe.embed(x)
+    assert e.shape == (2, 16) and torch.isfinite(e).all()
+
+
+@pytest.mark.parametrize("override, key", [({"movq_channels": 16}, "movq_channels"),
+                                           ({"unet_channels": [64, 100]}, "unet_channels"),
+                                           ({"unet_channels": [64]}, "unet_channels"),
+                                           ({"encoder_patch": 5}, "encoder_patch"),
+                                           ({"unet_rotate": -1.0}, "unet_rotate"),
+                                           ({"unet_shift": 1.0}, "unet_shift")])
+def test_mini_config_refuses_shapes_the_blocks_cannot_take(override, key):
+    from diffusion.config import MiniConfig
+    from diffusion.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        MiniConfig(output_dir="x", **override)
