@@ -81,7 +81,7 @@ def main(argv=None) -> int:
 
     def work() -> None:
         from diffusion.devices import resolve_device
-        from diffusion.edit.calibrate import Setting, calibrate, choose, snippet, table
+        from diffusion.edit.calibrate import Setting, calibrate, choose, direction_table, snippet, table
         from diffusion.edit.run import load_classifiers, load_pipeline
         from diffusion.files import atomic_write_text
 
@@ -108,6 +108,7 @@ def main(argv=None) -> int:
         if chosen is None:
             print("no setting made an edit the judge accepts: try larger etas or guidance, or check the judge")
             return
+        print("\nthe chosen setting by direction:\n" + direction_table(chosen))
         text = snippet(chosen, pairs, args.images)
         print("\n" + text, end="")
         if args.output:

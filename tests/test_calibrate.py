@@ -4,7 +4,7 @@ scripts/calibrate.py end to end on the demo model."""
 import runpy
 from pathlib import Path
 
-from diffusion.edit.calibrate import Setting, SettingResult, choose
+from diffusion.edit.calibrate import Setting, SettingResult, choose, direction_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,6 +28,14 @@ def test_worst_direction_score_is_the_smaller_figure_of_the_worst_direction() ->
     assert row["worst_direction_judge_flip_rate"] == 0.9
     assert row["worst_direction_closer"] == 0.8
     assert _result(1.0, {"3->8": (0, 10, 0), "8->3": (10, 10, 10)}).worst_direction_score == 0.0
+
+
+def test_direction_table_gives_each_direction_with_intervals() -> None:
+    text = direction_table(_result(1.0, {"3->8": (10, 10, 8), "8->3": (0, 10, 0)}))
+    lines = text.splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| direction |")
+    assert lines[2].startswith("| 3->8 | 10 | 10 | 1.000 (0.72-1.00) | 8 | 0.800 (0.49-0.94) |")
+    assert lines[3] == "| 8->3 | 10 | 0 | 0.000 (0.00-0.28) | 0 | - |"  # no judged flip: no closer share
 
 
 def test_choose_prefers_the_better_worst_direction_over_the_better_average() -> None:
@@ -66,10 +74,12 @@ def test_calibrate_on_the_demo_model_prints_every_setting_and_a_loadable_snippet
                str(snippet), "--", f"embeds_dir={tmp_path / 'embeds'}", f"data.root={data}", "num_inference_steps=20"])
     assert rc == 0
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit() and "->" not in line]
     assert len(rows) == 4  # 2 etas x 1 guidance x 2 thresholds x 1 agreement
     assert all(" | 4 | " in row for row in rows)  # 2 images per class, both directions (none already the target)
     assert sum("**yes**" in row for row in rows) == 1
+    assert "the chosen setting by direction:" in out
+    assert sum(line.startswith(("| 3->8 | 2 |", "| 8->3 | 2 |")) for line in out.splitlines()) == 2
     chosen = OmegaConf.to_container(OmegaConf.load(snippet))
     assert chosen["guidance_scale"] == 1.5 and chosen["eta"][0] in (1.0, 2.0)
     cfg = load_config(EditConfig, "configs/edit/demo.yaml", [f"{k}={'null' if v is None else v}" for k, v in chosen.items()])

@@ -208,6 +208,19 @@ def table(results: Sequence[SettingResult], chosen: Optional[SettingResult]) -> 
     return "\n".join(lines)
 
 
+def direction_table(result: SettingResult) -> str:
+    """One setting's figures by direction (a markdown table): where the targets hold and where they do not."""
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = ["| direction | n | judge flips | judge flip rate (95% CI) | closer | closer share (95% CI) |",
+             "| --- | ---: | ---: | --- | ---: | --- |"]
+    for name, (f, n, c) in result.per_direction.items():
+        ci_f, ci_c = wilson_interval(f, n), wilson_interval(c, f)
+        lines.append(f"| {name} | {n} | {f} | {fmt(f / n if n else None)}"
+                     f"{f' ({ci_f[0]:.2f}-{ci_f[1]:.2f})' if n else ''} | {c} | {fmt(c / f if f else None)}"
+                     f"{f' ({ci_c[0]:.2f}-{ci_c[1]:.2f})' if f else ''} |")
+    return "\n".join(lines)
+
+
 def snippet(chosen: SettingResult, pairs: Sequence[Tuple[str, str]], per_class: int) -> str:
     s = chosen.setting
     thr = "null" if s.flip_threshold is None else f"{s.flip_threshold:g}"
