@@ -840,8 +840,51 @@ def differing_keys(a: Any, b: Any, prefix: str = "") -> List[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+_NO_DEFAULT = object()
+
+
+def _plain_default(schema: type, dotted: str) -> Any:
+    """The schema's default of key ``a.b.c`` as config_dict writes it (enums as values), or _NO_DEFAULT."""
+    cls: Any = schema
+    *parents, last = dotted.split(".")
+    for part in parents:
+        cls = _field_type(cls, part)
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        return _NO_DEFAULT
+    f = next((f for f in dataclasses.fields(cls) if f.name == last), None)
+    if f is None:
+        return _NO_DEFAULT
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+    else:
+        return _NO_DEFAULT
+    if dataclasses.is_dataclass(value):
+        return _NO_DEFAULT
+    value = [v.value if isinstance(v, enum.Enum) else v for v in value] if isinstance(value, list) else value
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def _has_key(d: Any, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return False
+        d = d[part]
+    return True
+
+
 def result_keys_changed(schema: type, old: dict, new: dict) -> List[str]:
     """The keys that differ between two configs of ``schema`` and are not run-control keys: a resumed run that
-    changed one of them would mix results of two settings."""
+    changed one of them would mix results of two settings. A key that ``old`` lacks (it was written before the key
+    existed) counts as unchanged while the new value is the key's default, since a new key's default keeps the old
+    behaviour."""
     control = getattr(schema, "RUN_CONTROL_KEYS", frozenset())
-    return [k for k in differing_keys(old, new) if k not in control]
+
+    def lookup(d: dict, dotted: str) -> Any:
+        for part in dotted.split("."):
+            d = d[part]
+        return d
+
+    return [k for k in differing_keys(old, new) if k not in control
+            and not (not _has_key(old, k) and _has_key(new, k) and lookup(new, k) == _plain_default(schema, k))]

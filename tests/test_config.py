@@ -116,3 +116,26 @@ def test_entry_point_rejects_bogus_key_before_loading_models(script):
     assert proc.returncode == 2, proc.stderr
     assert "bogus" in proc.stderr
     assert "Loading weights" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_key_added_since_a_run_was_stamped_counts_as_unchanged_at_its_default() -> None:
+    """A run folder stamped before a key existed resumes while the key keeps its default (which keeps the old
+    behaviour); any other value of it, or a changed old key, is still refused."""
+    from diffusion.config import MiniConfig, config_dict, result_keys_changed
+
+    new = config_dict(MiniConfig(output_dir="m"))
+    old = {k: v for k, v in new.items() if k not in ("unet_rotate", "unet_shift")}
+    assert result_keys_changed(MiniConfig, old, new) == []
+    assert result_keys_changed(MiniConfig, old, config_dict(MiniConfig(output_dir="m", unet_rotate=5))) == \
+        ["unet_rotate"]
+    assert result_keys_changed(MiniConfig, {**old, "seed": 1}, new) == ["seed"]
+    # nested and enum-valued keys: compared with the default as the stamp writes it
+    demo = str(REPO / "configs" / "edit" / "demo.yaml")
+    edit = config_dict(load_config(EditConfig, demo, []))
+    old_edit = {k: v for k, v in edit.items() if k != "flip_agreement"}
+    old_edit["data"] = {k: v for k, v in edit["data"].items() if k != "eval_split"}
+    assert result_keys_changed(EditConfig, old_edit, edit) == []
+    changed = config_dict(load_config(EditConfig, demo, ["flip_agreement=all"]))
+    assert result_keys_changed(EditConfig, old_edit, changed) == ["flip_agreement"]
+    # a key the stamp has and the schema no longer knows is a change (a result may depend on it)
+    assert result_keys_changed(EditConfig, {**edit, "removed_key": 1}, edit) == ["removed_key"]
