@@ -878,8 +878,12 @@ def result_keys_changed(schema: type, old: dict, new: dict) -> List[str]:
     """The keys that differ between two configs of ``schema`` and are not run-control keys: a resumed run that
     changed one of them would mix results of two settings. A key that ``old`` lacks (it was written before the key
     existed) counts as unchanged while the new value is the key's default, since a new key's default keeps the old
-    behaviour."""
+    behaviour; a deprecated key in ``old`` is read under its new name."""
     control = getattr(schema, "RUN_CONTROL_KEYS", frozenset())
+    old = dict(old)
+    for was, now in DEPRECATED_KEYS.get(schema, {}).items():  # a stamp written before a rename: same key
+        if was in old and now not in old:
+            old[now] = old.pop(was)
 
     def lookup(d: dict, dotted: str) -> Any:
         for part in dotted.split("."):

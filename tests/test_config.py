@@ -139,3 +139,10 @@ def test_a_key_added_since_a_run_was_stamped_counts_as_unchanged_at_its_default(
     assert result_keys_changed(EditConfig, old_edit, changed) == ["flip_agreement"]
     # a key the stamp has and the schema no longer knows is a change (a result may depend on it)
     assert result_keys_changed(EditConfig, {**edit, "removed_key": 1}, edit) == ["removed_key"]
+    # a stamp written before num_images became class_mean_images is the same run
+    renamed = {k: v for k, v in edit.items() if k != "class_mean_images"}
+    renamed["num_images"] = edit["class_mean_images"]
+    assert result_keys_changed(EditConfig, renamed, edit) == []
+    renamed["num_images"] = 7
+    assert result_keys_changed(EditConfig, renamed, edit) == ["class_mean_images"]
+
