@@ -21,6 +21,25 @@ from diffusion.errors import ConfigError, RunInterrupted, user_errors
 C = TypeVar("C")
 log = logging.getLogger("diffusion")
 
+
+class _CurrentStdout(logging.Handler):
+    """Writes each record's bare message to whatever sys.stdout is at that moment (a redirect or a test's capture)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stdout.write(self.format(record) + "\n")
+            sys.stdout.flush()
+        except Exception:
+            self.handleError(record)
+
+
+# What a command produces on request (the merged config of --print_config, the usage text), as opposed to diagnostics:
+# plain lines on stdout, whatever the logging setup, so `--print_config > run.yaml` writes a loadable config.
+output = logging.getLogger("diffusion.output")
+output.addHandler(_CurrentStdout())
+output.setLevel(logging.INFO)
+output.propagate = False
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -93,8 +112,7 @@ def config_from_args(schema: Type[C], args: argparse.Namespace, overrides: Optio
         log.error("config error: %s", err)
         raise SystemExit(EXIT_USER_ERROR) from None
     if args.print_config:
-        # the command's product, not a diagnostic: stdout, unprefixed, so `--print_config > run.yaml` is a config
-        print(to_yaml(cfg), end="")
+        output.info(to_yaml(cfg).rstrip("\n"))
         raise SystemExit(0)
     return cfg
 
@@ -105,8 +123,7 @@ def parse_args(schema: Type[C], argv: Optional[Sequence[str]] = None, descriptio
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or _display_prog()
     if not argv:
-        # the usage text the user asked for by giving nothing (on stdout, like argparse's --help), not a log record
-        print(_usage(_display_prog(), schema, description))
+        output.info(_usage(_display_prog(), schema, description))
         raise SystemExit(EXIT_USER_ERROR)
     args = make_parser(schema, description, prog).parse_args(argv)
     return config_from_args(schema, args)

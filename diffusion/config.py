@@ -840,38 +840,39 @@ def differing_keys(a: Any, b: Any, prefix: str = "") -> List[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-_NO_DEFAULT = object()
+_ABSENT = object()
 
 
 def _plain_default(schema: type, dotted: str) -> Any:
-    """The schema's default of key ``a.b.c`` as config_dict writes it (enums as values), or _NO_DEFAULT."""
+    """The schema's default of key ``a.b.c`` as config_dict writes it (enums as values), or _ABSENT."""
     cls: Any = schema
     *parents, last = dotted.split(".")
     for part in parents:
         cls = _field_type(cls, part)
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
-        return _NO_DEFAULT
+        return _ABSENT
     f = next((f for f in dataclasses.fields(cls) if f.name == last), None)
     if f is None:
-        return _NO_DEFAULT
+        return _ABSENT
     if f.default is not dataclasses.MISSING:
         value = f.default
     elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         value = f.default_factory()  # type: ignore[misc]
     else:
-        return _NO_DEFAULT
+        return _ABSENT
     if dataclasses.is_dataclass(value):
-        return _NO_DEFAULT
+        return _ABSENT
     value = [v.value if isinstance(v, enum.Enum) else v for v in value] if isinstance(value, list) else value
     return value.value if isinstance(value, enum.Enum) else value
 
 
-def _has_key(d: Any, dotted: str) -> bool:
+def _lookup(d: Any, dotted: str) -> Any:
+    """The value at ``a.b.c`` of nested dicts, or _ABSENT."""
     for part in dotted.split("."):
         if not isinstance(d, dict) or part not in d:
-            return False
+            return _ABSENT
         d = d[part]
-    return True
+    return d
 
 
 def result_keys_changed(schema: type, old: dict, new: dict) -> List[str]:
@@ -884,11 +885,6 @@ def result_keys_changed(schema: type, old: dict, new: dict) -> List[str]:
     for was, now in DEPRECATED_KEYS.get(schema, {}).items():  # a stamp written before a rename: same key
         if was in old and now not in old:
             old[now] = old.pop(was)
-
-    def lookup(d: dict, dotted: str) -> Any:
-        for part in dotted.split("."):
-            d = d[part]
-        return d
-
+    # a key the old stamp lacks is the same run while it holds its default (both sides absent never differ)
     return [k for k in differing_keys(old, new) if k not in control
-            and not (not _has_key(old, k) and _has_key(new, k) and lookup(new, k) == _plain_default(schema, k))]
+            and not (_lookup(old, k) is _ABSENT and _lookup(new, k) == _plain_default(schema, k))]

@@ -181,10 +181,6 @@ def train_encoder(cfg: MiniConfig, images: torch.Tensor, labels: torch.Tensor, g
     return model.eval(), processor, stats
 
 
-def unet_augments(cfg: MiniConfig) -> bool:
-    return bool(cfg.unet_shift or cfg.unet_scale or cfg.unet_rotate)
-
-
 def train_unet(cfg: MiniConfig, batch_fn: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], n: int,
                c0: torch.Tensor, gen: torch.Generator) -> Tuple[UNet2DConditionModel, Dict[str, float]]:
     """The LoRA trainer's epsilon objective (:func:`diffusion.train.objective.diffusion_loss`) on the full UNet, with noisy
@@ -288,7 +284,7 @@ def train_mini_model(cfg: MiniConfig) -> dict:
     unet_dir = out / "decoder" / "unet"
     if not unet_dir.exists() or cfg.overwrite:
         c0 = encoder.null_embedding()
-        if unet_augments(cfg):
+        if cfg.unet_shift or cfg.unet_scale or cfg.unet_rotate:
             def batch_fn(idx):  # a fresh random shift/scale/rotation of every image, encoded by the frozen stages
                 x = _random_affine(x_train[idx], gen, cfg.unet_shift, (1 - cfg.unet_scale, 1 + cfg.unet_scale),
                                    cfg.unet_rotate)
