@@ -101,8 +101,15 @@ def _embed_classes(cfg: EmbedsConfig, classes: List[str], records_all, root: Pat
             log.warning("class %s: %s; recomputing it", c, str(err).split(". ")[0])
             meta = None
         expected = {"model": cfg.model.prior, "split": split, "image_size": str(size)}
-        if (meta is not None and not cfg.overwrite and _is_complete(meta, expected, candidates, out / f"{c}.json")
-                and _intact(out, c, meta, encoder)):
+        # a file that records its encoder's fingerprint is judged by the weights, not the path: a model folder that
+        # was moved or copied (or a hub id now read from a local snapshot) keeps its embeddings
+        moved = meta is not None and meta.get("model") != cfg.model.prior and "encoder_fingerprint" in meta
+        compare = {k: v for k, v in expected.items() if not (moved and k == "model")}
+        complete = meta is not None and not cfg.overwrite and _is_complete(meta, compare, candidates,
+                                                                            out / f"{c}.json")
+        if complete and moved and encoder is None:
+            encoder = load_image_encoder(cfg.model)  # only its fingerprint tells whether the weights are the same
+        if complete and _intact(out, c, meta, encoder):
             log.info("class %s: complete (%d images), skipped; overwrite=true recomputes it", c, len(meta["files"]))
             written[c] = out / f"{c}.safetensors"
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 
 from datasets.images import load_image, resize
 from diffusion.config import EmbedsConfig, load_config
+from diffusion.demo.tiny import make_tiny_model
 from diffusion.embeddings import EmbeddingsError, load_class_embeds
 from diffusion.models import load_image_encoder
 import diffusion.precompute as precompute
@@ -86,11 +88,32 @@ def _args(cfg):
             "model.device=cpu", f"data.root={cfg.data.root}"]
 
 
-def test_existing_file_from_another_model_is_not_silently_reused(tmp_path, tiny_model, blob_data):
+def test_a_moved_model_keeps_its_embeddings_and_other_weights_are_refused(tmp_path, tiny_model, blob_data,
+                                                                          monkeypatch):
+    cfg = _config(tmp_path, tiny_model, blob_data)
+    precompute.save_embeddings(cfg)
+    calls = []
+    real = precompute.embed_class
+    monkeypatch.setattr(precompute, "embed_class", lambda *a, **k: calls.append(k["desc"]) or real(*a, **k))
+    # the same weights in another folder (a copied snapshot): judged by the encoder's fingerprint, nothing recomputed
+    copy = tmp_path / "copied_model"
+    shutil.copytree(tiny_model, copy)
+    precompute.save_embeddings(_config(tmp_path, copy, blob_data))
+    assert calls == []
+    # other weights of the same shapes in a third folder: refused, naming the file, not overwritten
+    other = make_tiny_model(tmp_path / "other_model", seed=1)
+    before = (tmp_path / "embeds" / "class_a.safetensors").read_bytes()
+    with pytest.raises(EmbeddingsError, match="class_a.json: made by another image encoder"):
+        precompute.save_embeddings(_config(tmp_path, other, blob_data))
+    assert calls == [] and (tmp_path / "embeds" / "class_a.safetensors").read_bytes() == before
+
+
+def test_an_old_file_from_another_model_path_is_not_silently_reused(tmp_path, tiny_model, blob_data):
     cfg = _config(tmp_path, tiny_model, blob_data)
     precompute.save_embeddings(cfg)
     meta = json.loads((tmp_path / "embeds" / "class_a.json").read_text())
     meta["model"] = "someone/else"
+    del meta["encoder_fingerprint"]  # written before fingerprints: only the path can tell
     (tmp_path / "embeds" / "class_a.json").write_text(json.dumps(meta))
     with pytest.raises(EmbeddingsError, match="overwrite"):
         precompute.save_embeddings(cfg)
