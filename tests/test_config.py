@@ -131,7 +131,7 @@ def test_a_key_added_since_a_run_was_stamped_counts_as_unchanged_at_its_default(
     assert result_keys_changed(MiniConfig, {**old, "seed": 1}, new) == ["seed"]
     # nested and enum-valued keys: compared with the default as the stamp writes it
     demo = str(REPO / "configs" / "edit" / "demo.yaml")
-    edit = config_dict(load_config(EditConfig, demo, []))
+    edit = config_dict(load_config(EditConfig, demo, ["flip_agreement=mean"]))  # the key at its default
     old_edit = {k: v for k, v in edit.items() if k != "flip_agreement"}
     old_edit["data"] = {k: v for k, v in edit["data"].items() if k != "eval_split"}
     assert result_keys_changed(EditConfig, old_edit, edit) == []
