@@ -24,7 +24,7 @@ from diffusion.edit.results import COLUMNS, REQUIRED_COLUMNS, read_rows
 from diffusion.errors import ArtefactError, ConfigError
 from diffusion.metrics import bootstrap_over_images, rate_interval, summarize
 from diffusion.stats import bootstrap_mean_interval
-from diffusion.views.figures import write_figures
+from diffusion.views.figures import tradeoff_figure, write_figures
 
 REPO = Path(__file__).resolve().parents[1]
 T_SKIPS, ETAS = (0.9, 0.5, 0.0), (1.0, 2.0)
@@ -129,6 +129,36 @@ def test_sweep_figures_are_written_and_shown_in_the_gallery(sweep_run, tmp_path)
     flips = [r for r in records if r["figure"] == "sweep" and r["statistic"] == "flip_rate" and r["direction"] == "all"]
     assert len(flips) == len(T_SKIPS) * len(ETAS) and {r["interval"] for r in flips} == {"wilson"}
     assert all(float(r["ci_low"]) - 1e-6 <= float(r["value"]) <= float(r["ci_high"]) + 1e-6 for r in flips)
+
+
+def test_the_tradeoff_figure_plots_the_judges_flip_rate_and_says_so(sweep_run):
+    """The figure a reader takes away should carry the verdict independent of the search, and name it."""
+    run_dir, rows = sweep_run
+    sweeps = [s for s in analyze([Series("sweep", [str(run_dir)], rows)])["series"] if s["sweep"]]
+    # give the judge its own rates (the fixture's judge happens to agree with the oracle everywhere)
+    for s in sweeps:
+        s["sweep"] = [{**c, "judge_flip_rate": 0.05 * k, "judge_flip_rate_ci": [0.0, 1.0]}
+                      for k, c in enumerate(s["sweep"])]
+
+    def plotted(ax, eta):  # the y values of one eta's errorbar line, and what they should be, in t_skip order
+        line = next(b for b in ax.containers if b.get_label() == f"eta {eta:g}").lines[0]
+        mine = sorted((c for c in sweeps[0]["sweep"] if c["direction"] == "all" and c["eta"] == eta),
+                      key=lambda c: c["t_skip"])
+        return list(line.get_ydata()), mine
+
+    ax = tradeoff_figure(sweeps).axes[0]
+    assert ax.get_ylabel() == "flip rate (judge)"
+    for eta in ETAS:
+        ys, mine = plotted(ax, eta)
+        assert ys == pytest.approx([c["judge_flip_rate"] for c in mine])
+        assert ys != pytest.approx([c["flip_rate"] for c in mine])
+    # without a judge: the oracle's rate, named as such
+    for s in sweeps:
+        s["sweep"] = [{**c, "judge_flip_rate": None, "judge_flip_rate_ci": None} for c in s["sweep"]]
+    ax = tradeoff_figure(sweeps).axes[0]
+    assert ax.get_ylabel() == "flip rate (oracle)"
+    ys, mine = plotted(ax, ETAS[0])
+    assert ys == pytest.approx([c["flip_rate"] for c in mine])
 
 
 def test_the_run_summary_has_judge_figures_and_says_who_judged(sweep_run):

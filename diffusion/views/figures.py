@@ -2,7 +2,8 @@
 
 - ``flip_rate_vs_t_skip``: sweep: flip rate against t_skip, a line per eta, 95% band (dashed: the judge);
 - ``distance_vs_t_skip``: sweep: mean distance (LPIPS, else L2) of the edits against t_skip, a line per eta;
-- ``tradeoff``: sweep: flip rate against mean distance, one point per (eta, t_skip), both intervals as bars;
+- ``tradeoff``: sweep: flip rate (the judge's when there is one) against mean distance, one point per (eta, t_skip),
+  both intervals as bars;
 - ``t_skip_histogram``: searched runs: how often each t_skip was chosen (dark: flipped);
 - ``distance_histogram``: searched runs: the distances of the chosen edits (dark: flipped);
 - ``series``: several searched series: flip rate and mean distance per series, with intervals.
@@ -168,32 +169,35 @@ def distance_figure(series: Sequence[SeriesData]):
 
 
 def tradeoff_figure(series: Sequence[SeriesData]):
-    """Flip rate against mean distance over direction "all": a point per (eta, t_skip), a line joining one eta's."""
+    """Flip rate against mean distance over direction "all": a point per (eta, t_skip), a line joining one eta's.
+    The flip rate is the judge's where the runs have one (the verdict independent of the search), else the oracle's;
+    the axis says which."""
     column, label = _distance(series)
     etas = sorted({c["eta"] for s in series for c in s["sweep"]})  # type: ignore[union-attr]
     colours = _eta_colours(etas)
-    fig, axes = _grid(1, len(series), "Flip rate against change, a point per (eta, t_skip):\n"
+    judged = any(c["judge_flip_rate"] is not None for s in series for c in s["sweep"])  # type: ignore[union-attr]
+    rate, who = ("judge_flip_rate", "judge") if judged else ("flip_rate", "oracle")
+    fig, axes = _grid(1, len(series), f"Flip rate ({who}) against change, a point per (eta, t_skip):\n"
                                       "up and to the left is better")
     for col, s in enumerate(series):
         ax = axes[0][col]
         for eta in etas:
-            cells = [c for c in _cells(s, ALL, eta) if c[f"{column}_mean_all"] is not None and
-                     c["flip_rate"] is not None]
+            cells = [c for c in _cells(s, ALL, eta) if c[f"{column}_mean_all"] is not None and c[rate] is not None]
             if not cells:
                 continue
             xs = [c[f"{column}_mean_all"] for c in cells]
-            ys = [c["flip_rate"] for c in cells]
+            ys = [c[rate] for c in cells]
             xerr = [[x - (c[f"{column}_mean_all_ci"] or (x, x))[0] for x, c in zip(xs, cells)],
                     [(c[f"{column}_mean_all_ci"] or (x, x))[1] - x for x, c in zip(xs, cells)]]
-            yerr = [[y - (c["flip_rate_ci"] or (y, y))[0] for y, c in zip(ys, cells)],
-                    [(c["flip_rate_ci"] or (y, y))[1] - y for y, c in zip(ys, cells)]]
+            yerr = [[y - (c[f"{rate}_ci"] or (y, y))[0] for y, c in zip(ys, cells)],
+                    [(c[f"{rate}_ci"] or (y, y))[1] - y for y, c in zip(ys, cells)]]
             ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, color=colours[eta], marker="o", markersize=3.5, linewidth=1,
                         elinewidth=0.7, capsize=1.5, label=f"eta {eta:g}")
             for x, y, c in zip(xs, ys, cells):
                 ax.annotate(f"{c['t_skip']:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6,
                             color=colours[eta])
         ax.set_ylim(-0.03, 1.03)
-    _label_panels(axes, series, [ALL], f"mean {label} of the edits (labels: t_skip)", "flip rate")
+    _label_panels(axes, series, [ALL], f"mean {label} of the edits (labels: t_skip)", f"flip rate ({who})")
     axes[0][0].legend(fontsize=8, loc="lower right")
     return fig
 
@@ -287,8 +291,8 @@ CAPTIONS = {
                            "against t_skip, a line per eta; shaded: 95% interval.",
     "distance_vs_t_skip": "How much the edits change the image against t_skip, a line per eta; shaded: 95% "
                           "bootstrap interval over images.",
-    "tradeoff": "The flip/identity trade-off: each point one (eta, t_skip) setting, its flip rate against the mean "
-                "change of its edits; bars: 95% intervals; labels: t_skip.",
+    "tradeoff": "The flip/identity trade-off: each point one (eta, t_skip) setting, its flip rate (the judge's where "
+                "the run has one) against the mean change of its edits; bars: 95% intervals; labels: t_skip.",
     "t_skip_histogram": "How often each t_skip was chosen by the search (dark: edits that flipped).",
     "distance_histogram": "The change of each chosen edit (dark: edits that flipped).",
     "series": "Flip rate and mean change of the flipped edits per series, with 95% intervals.",
@@ -305,7 +309,8 @@ def write_figures(analysis: Analysis, out_dir: str | Path) -> List[Dict[str, str
     makers: List[Tuple[str, Sequence[SeriesData], Callable]] = []
     if sweeps:
         makers += [("flip_rate_vs_t_skip", sweeps, flip_rate_figure), ("distance_vs_t_skip", sweeps, distance_figure)]
-        if any(c["flip_rate"] is not None for s in sweeps for c in s["sweep"]):  # type: ignore[union-attr]
+        if any(c["flip_rate"] is not None or c["judge_flip_rate"] is not None
+               for s in sweeps for c in s["sweep"]):  # type: ignore[union-attr]
             makers.append(("tradeoff", sweeps, tradeoff_figure))
     if searched:
         makers += [("t_skip_histogram", searched, t_skip_histogram_figure),
