@@ -136,7 +136,8 @@ def load_class_embeds(embeds_dir: str | Path, class_name: str, expected_dim: Opt
             f"meaningless direction. {redo}")
     if expected_encoder is not None and made_by is None:
         log.warning("%s records no encoder fingerprint (written by an older version): cannot check that it was made "
-                    "by this run's image encoder ('%s'); recompute it to be sure", tensor_path, meta.get("model"))
+                    "by this run's image encoder ('%s'); compute_missing_embeds=true (or scripts/save_embeds.py) checks "
+                    "it against the encoder once and records the fingerprint", tensor_path, meta.get("model"))
     return embeds, meta
 
 

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from diffusion.config import EmbedsConfig
 from diffusion.data import dataset_classes, make_loader, split_records
-from diffusion.embeddings import read_class_meta, save_class_embeds, tensor_rows
+from diffusion.embeddings import load_class_embeds, read_class_meta, save_class_embeds, tensor_rows
 from diffusion.errors import ArtefactError, EmbeddingsError
 from diffusion.files import relative_path, run_lock
 from diffusion.runinfo import stamp_run_dir
@@ -53,6 +53,33 @@ def _intact(out: Path, c: str, meta: dict, encoder: Optional[ImageEncoder]) -> b
             f"model.prior '{meta.get('model')}'). Recompute with python scripts/save_embeds.py --config_path <embeds "
             "config> overwrite=true, or use another embeddings folder.")
     return True
+
+
+SAME_ENCODER_COSINE = 0.999  # row by row: the same encoder on another device or dtype stays above it, another does not
+_SIDECAR_OWN_KEYS = ("files", "skipped", "class_name", "num_images", "embed_dim", "format_version")
+
+
+def _adopt_legacy(encoder: ImageEncoder, cfg: EmbedsConfig, records, root: Path, image_size: int, out: Path, c: str,
+                  meta: dict) -> None:
+    """A class file written before files recorded their encoder's fingerprint: embed its images again and compare.
+    The same embeddings are kept as they are and get this encoder's fingerprint written in; others are refused, as
+    they came from another encoder. The stored embeddings are never replaced."""
+    stored, _ = load_class_embeds(out, c)
+    by_file = {relative_path(r.path, root): r for r in records}
+    again, kept, _ = embed_class(encoder, cfg, [by_file[f] for f in meta["files"]], image_size, desc=f"check {c}")
+    worst = float(torch.nn.functional.cosine_similarity(stored, again.float().cpu(), dim=1).min()) \
+        if len(kept) == len(meta["files"]) else -1.0
+    if worst < SAME_ENCODER_COSINE:
+        raise EmbeddingsError(
+            f"{out / (c + '.json')}: written by an older version without an encoder fingerprint, and this run's image "
+            f"encoder (model.prior '{cfg.model.prior}') gives other embeddings for its images (worst cosine "
+            f"{worst:.3f}): it was made by another encoder. Recompute with python scripts/save_embeds.py "
+            "--config_path <embeds config> overwrite=true, or use another embeddings folder.")
+    kept_meta = {k: v for k, v in meta.items() if k not in _SIDECAR_OWN_KEYS}
+    save_class_embeds(out, c, stored, meta["files"], meta={**kept_meta, "encoder_fingerprint": encoder.fingerprint},
+                      skipped=meta.get("skipped", []))
+    log.info("class %s: embeddings written by an older version match this encoder (worst cosine %.4f); its fingerprint "
+             "is now recorded", c, worst)
 
 
 def embed_class(encoder: ImageEncoder, cfg: EmbedsConfig, records, image_size: int, desc: str):
@@ -103,13 +130,16 @@ def _embed_classes(cfg: EmbedsConfig, classes: List[str], records_all, root: Pat
         expected = {"model": cfg.model.prior, "split": split, "image_size": str(size)}
         # a file that records its encoder's fingerprint is judged by the weights, not the path: a model folder that
         # was moved or copied (or a hub id now read from a local snapshot) keeps its embeddings
-        moved = meta is not None and meta.get("model") != cfg.model.prior and "encoder_fingerprint" in meta
+        legacy = meta is not None and "encoder_fingerprint" not in meta
+        moved = meta is not None and meta.get("model") != cfg.model.prior and not legacy
         compare = {k: v for k, v in expected.items() if not (moved and k == "model")}
         complete = meta is not None and not cfg.overwrite and _is_complete(meta, compare, candidates,
                                                                             out / f"{c}.json")
-        if complete and moved and encoder is None:
-            encoder = load_image_encoder(cfg.model)  # only its fingerprint tells whether the weights are the same
+        if complete and (moved or legacy) and encoder is None:
+            encoder = load_image_encoder(cfg.model)  # only its fingerprint (or its output) tells who made the file
         if complete and _intact(out, c, meta, encoder):
+            if legacy:
+                _adopt_legacy(encoder, cfg, records, root, size, out, c, meta)
             log.info("class %s: complete (%d images), skipped; overwrite=true recomputes it", c, len(meta["files"]))
             written[c] = out / f"{c}.safetensors"
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 from datasets.images import load_image, resize
 from diffusion.config import EmbedsConfig, load_config
 from diffusion.demo.tiny import make_tiny_model
-from diffusion.embeddings import EmbeddingsError, load_class_embeds
+from diffusion.embeddings import EmbeddingsError, load_class_embeds, save_class_embeds
 from diffusion.models import load_image_encoder
 import diffusion.precompute as precompute
 
@@ -117,6 +118,42 @@ def test_an_old_file_from_another_model_path_is_not_silently_reused(tmp_path, ti
     (tmp_path / "embeds" / "class_a.json").write_text(json.dumps(meta))
     with pytest.raises(EmbeddingsError, match="overwrite"):
         precompute.save_embeddings(cfg)
+
+
+def _strip_fingerprint(embeds_dir, cls, embeds=None):
+    """Make ``cls``'s files look written by a version before fingerprints (optionally holding other ``embeds``)."""
+    meta = json.loads((embeds_dir / f"{cls}.json").read_text())
+    stored, _ = load_class_embeds(embeds_dir, cls)
+    own = ("files", "skipped", "class_name", "num_images", "embed_dim", "format_version", "encoder_fingerprint")
+    save_class_embeds(embeds_dir, cls, stored if embeds is None else embeds, meta["files"],
+                      {k: v for k, v in meta.items() if k not in own}, skipped=meta["skipped"])
+    assert "encoder_fingerprint" not in json.loads((embeds_dir / f"{cls}.json").read_text())
+
+
+def test_an_old_file_without_a_fingerprint_is_checked_and_then_stamped(tmp_path, tiny_model, blob_data, caplog):
+    cfg = _config(tmp_path, tiny_model, blob_data)
+    precompute.save_embeddings(cfg)
+    before, _ = load_class_embeds(cfg.output_dir, "class_a")
+    _strip_fingerprint(tmp_path / "embeds", "class_a")
+    with caplog.at_level(logging.INFO, logger="diffusion.precompute"):
+        precompute.save_embeddings(cfg)
+    assert "match this encoder" in caplog.text
+    meta = json.loads((tmp_path / "embeds" / "class_a.json").read_text())
+    assert meta["encoder_fingerprint"] == load_image_encoder(cfg.model).fingerprint
+    after, _ = load_class_embeds(cfg.output_dir, "class_a")
+    assert torch.equal(before, after)  # the stored embeddings are kept, not replaced
+
+
+def test_an_old_file_from_another_encoder_is_refused_and_left_alone(tmp_path, tiny_model, blob_data):
+    cfg = _config(tmp_path, tiny_model, blob_data)
+    precompute.save_embeddings(cfg)
+    stored, _ = load_class_embeds(cfg.output_dir, "class_a")
+    other = torch.randn(stored.shape, generator=torch.Generator().manual_seed(0))  # not this encoder's output
+    _strip_fingerprint(tmp_path / "embeds", "class_a", embeds=other)
+    before = {f: (tmp_path / "embeds" / f).read_bytes() for f in ("class_a.json", "class_a.safetensors")}
+    with pytest.raises(EmbeddingsError, match=r"class_a\.json: written by an older version .* another encoder"):
+        precompute.save_embeddings(cfg)
+    assert {f: (tmp_path / "embeds" / f).read_bytes() for f in before} == before
 
 
 def test_missing_class_folder_lists_what_was_found(tmp_path, tiny_model, blob_data):
