@@ -68,6 +68,12 @@ def save_class_embeds(embeds_dir: str | Path, class_name: str, embeds: torch.Ten
     return tensor_path
 
 
+def caller_meta(meta: dict) -> Dict[str, str]:
+    """The metadata a caller gave :func:`save_class_embeds`, from a sidecar: without the keys it adds itself."""
+    own = ("class_name", "num_images", "embed_dim", "format_version", "files", "skipped")
+    return {k: v for k, v in meta.items() if k not in own}
+
+
 def read_class_meta(embeds_dir: str | Path, class_name: str) -> Optional[dict]:
     """The sidecar JSON of a complete class, or None when the class has not been written (completely) yet; a
     damaged sidecar is an ArtefactError naming it."""
@@ -136,8 +142,8 @@ def load_class_embeds(embeds_dir: str | Path, class_name: str, expected_dim: Opt
             f"meaningless direction. {redo}")
     if expected_encoder is not None and made_by is None:
         log.warning("%s records no encoder fingerprint (written by an older version): cannot check that it was made "
-                    "by this run's image encoder ('%s'); compute_missing_embeds=true (or scripts/save_embeds.py) checks "
-                    "it against the encoder once and records the fingerprint", tensor_path, meta.get("model"))
+                    "by this run's image encoder ('%s'); compute_missing_embeds=true (or scripts/save_embeds.py) "
+                    "checks it against the encoder once and records the fingerprint", tensor_path, meta.get("model"))
     return embeds, meta
 
 

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from diffusion.config import EmbedsConfig
 from diffusion.data import dataset_classes, make_loader, split_records
-from diffusion.embeddings import load_class_embeds, read_class_meta, save_class_embeds, tensor_rows
+from diffusion.embeddings import caller_meta, load_class_embeds, read_class_meta, save_class_embeds, tensor_rows
 from diffusion.errors import ArtefactError, EmbeddingsError
 from diffusion.files import relative_path, run_lock
 from diffusion.runinfo import stamp_run_dir
@@ -56,7 +56,6 @@ def _intact(out: Path, c: str, meta: dict, encoder: Optional[ImageEncoder]) -> b
 
 
 SAME_ENCODER_COSINE = 0.999  # row by row: the same encoder on another device or dtype stays above it, another does not
-_SIDECAR_OWN_KEYS = ("files", "skipped", "class_name", "num_images", "embed_dim", "format_version")
 
 
 def _adopt_legacy(encoder: ImageEncoder, cfg: EmbedsConfig, records, root: Path, image_size: int, out: Path, c: str,
@@ -75,9 +74,8 @@ def _adopt_legacy(encoder: ImageEncoder, cfg: EmbedsConfig, records, root: Path,
             f"encoder (model.prior '{cfg.model.prior}') gives other embeddings for its images (worst cosine "
             f"{worst:.3f}): it was made by another encoder. Recompute with python scripts/save_embeds.py "
             "--config_path <embeds config> overwrite=true, or use another embeddings folder.")
-    kept_meta = {k: v for k, v in meta.items() if k not in _SIDECAR_OWN_KEYS}
-    save_class_embeds(out, c, stored, meta["files"], meta={**kept_meta, "encoder_fingerprint": encoder.fingerprint},
-                      skipped=meta.get("skipped", []))
+    stamped = {**caller_meta(meta), "encoder_fingerprint": encoder.fingerprint}
+    save_class_embeds(out, c, stored, meta["files"], meta=stamped, skipped=meta.get("skipped", []))
     log.info("class %s: embeddings written by an older version match this encoder (worst cosine %.4f); its fingerprint "
              "is now recorded", c, worst)
 

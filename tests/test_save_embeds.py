@@ -14,7 +14,7 @@ from PIL import Image
 from datasets.images import load_image, resize
 from diffusion.config import EmbedsConfig, load_config
 from diffusion.demo.tiny import make_tiny_model
-from diffusion.embeddings import EmbeddingsError, load_class_embeds, save_class_embeds
+from diffusion.embeddings import EmbeddingsError, caller_meta, load_class_embeds, save_class_embeds
 from diffusion.models import load_image_encoder
 import diffusion.precompute as precompute
 
@@ -124,9 +124,9 @@ def _strip_fingerprint(embeds_dir, cls, embeds=None):
     """Make ``cls``'s files look written by a version before fingerprints (optionally holding other ``embeds``)."""
     meta = json.loads((embeds_dir / f"{cls}.json").read_text())
     stored, _ = load_class_embeds(embeds_dir, cls)
-    own = ("files", "skipped", "class_name", "num_images", "embed_dim", "format_version", "encoder_fingerprint")
-    save_class_embeds(embeds_dir, cls, stored if embeds is None else embeds, meta["files"],
-                      {k: v for k, v in meta.items() if k not in own}, skipped=meta["skipped"])
+    older = {k: v for k, v in caller_meta(meta).items() if k != "encoder_fingerprint"}
+    save_class_embeds(embeds_dir, cls, stored if embeds is None else embeds, meta["files"], older,
+                      skipped=meta["skipped"])
     assert "encoder_fingerprint" not in json.loads((embeds_dir / f"{cls}.json").read_text())
 
 

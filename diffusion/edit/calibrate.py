@@ -188,9 +188,12 @@ def _meets(edit, target: str, threshold: Optional[float], agreement: str) -> boo
     return criterion.met(torch.tensor([edit.probs[c] for c in classes]), classes.index(target), members)
 
 
+def _fmt(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def table(results: Sequence[SettingResult], chosen: Optional[SettingResult]) -> str:
     """A markdown table of every setting, the chosen one marked."""
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     lines = ["| eta | guidance | flip_threshold | agreement | n | oracle flip rate | judge flip rate (95% CI) | judged "
              "flips closer than nearest real target | worst direction: judge / closer | worst-direction score | L2 of "
              "judged flips | chosen |",
@@ -200,23 +203,23 @@ def table(results: Sequence[SettingResult], chosen: Optional[SettingResult]) -> 
         ci = row["judge_flip_rate_ci"]
         lines.append(
             f"| {row['eta']:g} | {row['guidance_scale']:g} | {'argmax' if row['flip_threshold'] is None else row['flip_threshold']} "
-            f"| {row['flip_agreement']} | {row['n']} | {fmt(row['oracle_flip_rate'])} | {fmt(row['judge_flip_rate'])}"
-            f"{f' ({ci[0]:.2f}-{ci[1]:.2f})' if ci else ''} | {fmt(row['judged_flips_closer_than_nearest_target'])} "
-            f"| {fmt(row['worst_direction_judge_flip_rate'])} / {fmt(row['worst_direction_closer'])} "
-            f"| {fmt(row['worst_direction_score'])} | {fmt(row['l2_mean_judged_flips'])} "
+            f"| {row['flip_agreement']} | {row['n']} | {_fmt(row['oracle_flip_rate'])} "
+            f"| {_fmt(row['judge_flip_rate'])}"
+            f"{f' ({ci[0]:.2f}-{ci[1]:.2f})' if ci else ''} | {_fmt(row['judged_flips_closer_than_nearest_target'])} "
+            f"| {_fmt(row['worst_direction_judge_flip_rate'])} / {_fmt(row['worst_direction_closer'])} "
+            f"| {_fmt(row['worst_direction_score'])} | {_fmt(row['l2_mean_judged_flips'])} "
             f"| {'**yes**' if r is chosen else ''} |")
     return "\n".join(lines)
 
 
 def direction_table(result: SettingResult) -> str:
     """One setting's figures by direction (a markdown table): where the targets hold and where they do not."""
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     lines = ["| direction | n | judge flips | judge flip rate (95% CI) | closer | closer share (95% CI) |",
              "| --- | ---: | ---: | --- | ---: | --- |"]
     for name, (f, n, c) in result.per_direction.items():
         ci_f, ci_c = wilson_interval(f, n), wilson_interval(c, f)
-        lines.append(f"| {name} | {n} | {f} | {fmt(f / n if n else None)}"
-                     f"{f' ({ci_f[0]:.2f}-{ci_f[1]:.2f})' if n else ''} | {c} | {fmt(c / f if f else None)}"
+        lines.append(f"| {name} | {n} | {f} | {_fmt(f / n if n else None)}"
+                     f"{f' ({ci_f[0]:.2f}-{ci_f[1]:.2f})' if n else ''} | {c} | {_fmt(c / f if f else None)}"
                      f"{f' ({ci_c[0]:.2f}-{ci_c[1]:.2f})' if f else ''} |")
     return "\n".join(lines)
 
