@@ -573,6 +573,9 @@ class MiniConfig(Schema):
     unet_channels: List[int] = opt(help="UNet block widths", factory=lambda: [64, 128], gt=0)
     unet_steps: int = opt(4000, "UNet training steps", gt=0)
     unet_lr: float = opt(5e-4, "UNet AdamW LR", gt=0)
+    unet_ema_decay: float = opt(0.0, "UNet stage: save an exponential moving average of the weights with this decay "
+                                     "(diffusers' EMAModel, e.g. 0.999) instead of the last step's; 0 = off",
+                                ge=0, lt=1)
     embed_noise: float = opt(0.3, "Gaussian noise of this fraction of the embedding's norm, added while the UNet "
                                   "trains", ge=0)
     null_prob: float = opt(0.1, "share of embeddings replaced by c_0 (the unconditional branch of guidance)",

@@ -64,10 +64,37 @@ def test_micro_mini_model_trains_augmented_and_loads(tmp_path):
                                            ({"unet_channels": [64]}, "unet_channels"),
                                            ({"encoder_patch": 5}, "encoder_patch"),
                                            ({"unet_rotate": -1.0}, "unet_rotate"),
-                                           ({"unet_shift": 1.0}, "unet_shift")])
+                                           ({"unet_shift": 1.0}, "unet_shift"),
+                                           ({"unet_ema_decay": 1.0}, "unet_ema_decay")])
 def test_mini_config_refuses_shapes_the_blocks_cannot_take(override, key):
     from diffusion.config import MiniConfig
     from diffusion.errors import ConfigError
 
     with pytest.raises(ConfigError, match=key):
         MiniConfig(output_dir="x", **override)
+
+
+@pytest.mark.usefixtures("one_thread_module")
+def test_unet_ema_saves_an_average_of_the_iterates_and_leaves_the_trajectory_alone():
+    from diffusion.config import MiniConfig
+    from diffusion.demo.mini import train_unet
+
+    w0, e = torch.randn(4, 4, 2, 2), torch.randn(4, 16)
+
+    def run(steps, ema_decay):
+        torch.manual_seed(0)  # the UNet's initial weights
+        cfg = MiniConfig(output_dir="x", image_size=8, embed_dim=16, unet_channels=[32, 32], unet_steps=steps,
+                         batch_size=4, unet_ema_decay=ema_decay)
+        unet, stats = train_unet(cfg, lambda idx: (w0[idx], e[idx]), 4, torch.zeros(1, 16),
+                                 torch.Generator().manual_seed(1))
+        return torch.cat([p.detach().flatten() for p in unet.parameters()]), stats
+
+    p1, _ = run(1, 0.0)
+    p2, plain = run(2, 0.0)
+    averaged, stats = run(2, 0.999)
+    assert "ema_decay" not in plain and stats["ema_decay"] == 0.999
+    assert stats["loss_first"] == plain["loss_first"]  # the EMA draws nothing and changes no step
+    # what is saved is not the last iterate but a weighted mean of the two, weight on both
+    assert not torch.allclose(averaged, p2) and not torch.allclose(averaged, p1)
+    lo, hi = torch.minimum(p1, p2), torch.maximum(p1, p2)
+    assert bool(((averaged >= lo - 1e-6) & (averaged <= hi + 1e-6)).all())

@@ -21,11 +21,12 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel, VQModel
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -87,7 +88,8 @@ def _batches(n: int, batch: int, steps: int, gen: torch.Generator):
 
 
 def _train(name: str, params, loss_fn: Callable[[torch.Tensor], torch.Tensor], n: int, cfg: MiniConfig, steps: int,
-           lr: float, gen: torch.Generator) -> Dict[str, float]:
+           lr: float, gen: torch.Generator, after_step: Optional[Callable[[], None]] = None) -> Dict[str, float]:
+    params = list(params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses, start = [], time.perf_counter()
     bar = tqdm(_batches(n, cfg.batch_size, steps, gen), total=steps, desc=name, unit="step")
@@ -96,6 +98,8 @@ def _train(name: str, params, loss_fn: Callable[[torch.Tensor], torch.Tensor], n
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if after_step is not None:
+            after_step()
         losses.append(float(loss.detach()))
         if len(losses) % 25 == 0:
             bar.set_postfix(loss=f"{sum(losses[-25:]) / 25:.4f}")
@@ -199,7 +203,12 @@ def train_unet(cfg: MiniConfig, batch_fn: Callable[[torch.Tensor], Tuple[torch.T
         e = torch.where(drop[:, None], c0.expand(b, -1), e)
         return diffusion_loss(unet, scheduler, w0, e, gen, latent_channels=w0.shape[1])
 
-    stats = _train("unet", unet.parameters(), loss_fn, n, cfg, cfg.unet_steps, cfg.unet_lr, gen)
+    ema = EMAModel(unet.parameters(), decay=cfg.unet_ema_decay) if cfg.unet_ema_decay else None
+    stats = _train("unet", unet.parameters(), loss_fn, n, cfg, cfg.unet_steps, cfg.unet_lr, gen,
+                   after_step=(lambda: ema.step(unet.parameters())) if ema else None)
+    if ema is not None:
+        ema.copy_to(unet.parameters())  # the averaged weights are the ones saved
+        stats["ema_decay"] = cfg.unet_ema_decay
     return unet.eval(), stats
 
 
