@@ -3,7 +3,9 @@ augmentation, resuming a finished stage, and a folder the pipeline loads."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -33,6 +35,7 @@ def test_affine_identity_quarter_turn_and_white_background():
 def test_micro_mini_model_trains_augmented_and_loads(tmp_path):
     from diffusion.config import DataConfig, MiniConfig
     from diffusion.demo.mini import train_mini_model
+    from diffusion.errors import ArtefactError, ConfigError
     from diffusion.pipeline import DIFFusionPipeline
 
     out = tmp_path / "mini"
@@ -52,6 +55,21 @@ def test_micro_mini_model_trains_augmented_and_loads(tmp_path):
     before = unet_file.read_bytes()
     train_mini_model(cfg)
     assert unet_file.read_bytes() == before
+
+    # a rerun that would keep a finished stage trained with other values of its keys is refused before training,
+    # naming the stage and the key; a key of a stage that is missing (so trained now) is fine
+    with pytest.raises(ConfigError, match=r"decoder/unet was trained with other settings.*unet_ema_decay=0\.5 "
+                                          r"\(trained with 0\.0\)"):
+        train_mini_model(dataclasses.replace(cfg, unet_ema_decay=0.5))
+    with pytest.raises(ConfigError, match=r"decoder/movq was trained .*movq_lr"):
+        train_mini_model(dataclasses.replace(cfg, movq_lr=0.5))
+    assert unet_file.read_bytes() == before
+    report_file = out / "training_report.json"
+    good_report = report_file.read_text()
+    report_file.write_text("{not json")
+    with pytest.raises(ArtefactError, match="training_report.json: damaged"):
+        train_mini_model(cfg)
+    report_file.write_text(good_report)
 
     pipe = DIFFusionPipeline.from_pretrained(str(out / "decoder"), str(out / "prior"), device="cpu")
     x = torch.rand(2, 3, pipe.image_size, pipe.image_size)
@@ -98,3 +116,21 @@ def test_unet_ema_saves_an_average_of_the_iterates_and_leaves_the_trajectory_alo
     assert not torch.allclose(averaged, p2) and not torch.allclose(averaged, p1)
     lo, hi = torch.minimum(p1, p2), torch.maximum(p1, p2)
     assert bool(((averaged >= lo - 1e-6) & (averaged <= hi + 1e-6)).all())
+
+
+@pytest.mark.usefixtures("one_thread_module")
+def test_a_missing_stage_is_trained_with_the_new_values_and_the_report_says_so(tmp_path):
+    from diffusion.config import DataConfig, MiniConfig
+    from diffusion.demo.mini import train_mini_model
+
+    out = tmp_path / "mini"
+    cfg = MiniConfig(output_dir=str(out), data=DataConfig(name="digits", root=str(tmp_path / "digits")),
+                     movq_steps=1, encoder_hidden=32, encoder_layers=1, encoder_steps=1, embed_dim=16,
+                     unet_channels=[32, 32], unet_steps=1, batch_size=4)
+    train_mini_model(cfg)
+    movq_file = next((out / "decoder" / "movq").glob("*.safetensors"))
+    movq_before = movq_file.read_bytes()
+    shutil.rmtree(out / "decoder" / "unet")  # only the UNet is retrained, with its new values
+    report = train_mini_model(dataclasses.replace(cfg, unet_steps=2, unet_ema_decay=0.9))
+    assert report["unet"]["steps"] == 2 and report["unet"]["ema_decay"] == 0.9
+    assert report["config"]["unet_ema_decay"] == 0.9 and movq_file.read_bytes() == movq_before

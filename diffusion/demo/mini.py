@@ -225,6 +225,63 @@ def write_report(out: Path, report: dict) -> None:
     (out / "training_report.json").write_text(json.dumps(report, indent=2))
 
 
+# The config keys each stage's weights depend on (a stage also depends on the stages before it).
+_COMMON_KEYS = ("seed", "image_size", "batch_size", "save_dtype", "data.name", "data.classes")
+STAGE_KEYS = {
+    "decoder/movq": ("movq_channels", "movq_steps", "movq_lr", "latent_std_weight"),
+    "prior/image_encoder": ("encoder_hidden", "encoder_layers", "encoder_patch", "embed_dim", "encoder_steps",
+                            "encoder_lr", "contrastive_temperature"),
+    "decoder/unet": ("unet_channels", "unet_steps", "unet_lr", "unet_ema_decay", "embed_noise", "null_prob",
+                     "unet_shift", "unet_scale", "unet_rotate"),
+}
+
+
+def report_config(cfg: MiniConfig) -> dict:
+    """The config as the training report records it."""
+    config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "data"}
+    config["data"] = {"name": cfg.data.name, "root": cfg.data.root, "classes": list(cfg.data.classes)}
+    config["save_dtype"] = cfg.save_dtype.value
+    return config
+
+
+def _read_report(out: Path, cfg: MiniConfig) -> dict:
+    """The folder's training report ({} when there is none, or when overwrite retrains everything). A finished stage
+    that a rerun would skip must have been trained with this config's values of its keys: otherwise the report would
+    claim settings its weights were not trained with, so that is refused before anything loads."""
+    from diffusion.config import result_keys_changed
+    from diffusion.errors import ArtefactError, ConfigError
+
+    path = out / "training_report.json"
+    if cfg.overwrite or not path.exists():
+        return {}
+    try:
+        report = json.loads(path.read_text())
+        stored = report.get("config") if isinstance(report, dict) else None
+    except (OSError, ValueError):
+        stored = None
+    if not isinstance(stored, dict):
+        raise ArtefactError(f"{path}: damaged or not a training report. Delete it and rerun (finished stages are kept, "
+                            "but their training figures are lost), or retrain with overwrite=true.") from None
+    changed = set(result_keys_changed(MiniConfig, stored, report_config(cfg)))
+    depends: Tuple[str, ...] = _COMMON_KEYS
+    for stage, keys in STAGE_KEYS.items():
+        depends += keys
+        clash = sorted(k for k in changed if k in depends)
+        if (out / stage).exists() and clash:
+            shown = ", ".join(f"{k}={_get(report_config(cfg), k)!r} (trained with {_get(stored, k)!r})"
+                              for k in clash)
+            raise ConfigError(f"{out / stage} was trained with other settings than this config's: {shown}. A rerun "
+                              "keeps finished stages, so these values would not be used: retrain with overwrite=true, "
+                              "or write to a new output_dir.")
+    return report
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The whole run
 # --------------------------------------------------------------------------------------------------------------------
@@ -252,14 +309,13 @@ def train_mini_model(cfg: MiniConfig) -> dict:
         torch.set_num_threads(cfg.num_threads)
     out = Path(cfg.output_dir)
     save_dtype = resolve_dtype(cfg.save_dtype, torch.device("cpu"))
+    report = _read_report(out, cfg)  # before anything loads: a finished stage trained otherwise is refused
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     x_train, y_train = _load_split(cfg, cfg.data.train_split)
     x_test, y_test = _load_split(cfg, cfg.data.eval_split)
     log.info("mini model: %d train / %d test images at %d px, %d classes", len(x_train), len(x_test),
              cfg.image_size, len(set(y_train.tolist())))
-    report_path = out / "training_report.json"
-    report = json.loads(report_path.read_text()) if report_path.exists() and not cfg.overwrite else {}
     out.mkdir(parents=True, exist_ok=True)
 
     movq_dir = out / "decoder" / "movq"
@@ -305,8 +361,6 @@ def train_mini_model(cfg: MiniConfig) -> dict:
         unet, report["unet"] = train_unet(cfg, batch_fn, len(x_train), c0, gen)
         _save_atomic(lambda p: _save_half(unet, p, save_dtype), unet_dir)
         kandinsky_scheduler().save_pretrained(out / "decoder" / "scheduler")
-    report["config"] = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "data"}
-    report["config"]["data"] = {"name": cfg.data.name, "root": cfg.data.root, "classes": list(cfg.data.classes)}
-    report["config"]["save_dtype"] = cfg.save_dtype.value
+    report["config"] = report_config(cfg)
     write_report(out, report)
     return report
