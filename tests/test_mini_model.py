@@ -134,3 +134,23 @@ def test_a_missing_stage_is_trained_with_the_new_values_and_the_report_says_so(t
     report = train_mini_model(dataclasses.replace(cfg, unet_steps=2, unet_ema_decay=0.9))
     assert report["unet"]["steps"] == 2 and report["unet"]["ema_decay"] == 0.9
     assert report["config"]["unet_ema_decay"] == 0.9 and movq_file.read_bytes() == movq_before
+
+
+def test_the_shipped_model_was_trained_with_the_model_cards_config():
+    """The model card's command must rerun on the shipped folder (every stage kept): its run stamp and its training
+    report record the config that configs/mini/digits.yaml gives."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from diffusion.config import MiniConfig, config_dict, load_config, result_keys_changed
+    from diffusion.demo.mini import report_config
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(MiniConfig, str(repo / "configs" / "mini" / "digits.yaml"), ["num_threads=2"])
+    folder = repo / cfg.output_dir
+    stamp = OmegaConf.to_container(OmegaConf.load(folder / "training_run" / "config.yaml"))
+    assert result_keys_changed(MiniConfig, stamp, config_dict(cfg)) == []
+    report = json.loads((folder / "training_report.json").read_text())
+    assert [k for k in result_keys_changed(MiniConfig, report["config"], report_config(cfg)) if k != "data.root"] == []
+    assert report["unet"]["steps"] == cfg.unet_steps and report["unet"].get("ema_decay", 0.0) == cfg.unet_ema_decay
