@@ -154,3 +154,13 @@ def test_the_shipped_model_was_trained_with_the_model_cards_config():
     report = json.loads((folder / "training_report.json").read_text())
     assert [k for k in result_keys_changed(MiniConfig, report["config"], report_config(cfg)) if k != "data.root"] == []
     assert report["unet"]["steps"] == cfg.unet_steps and report["unet"].get("ema_decay", 0.0) == cfg.unet_ema_decay
+
+
+def test_every_training_key_belongs_to_a_stage():
+    """A MiniConfig key left out of the stage table would never be checked on a rerun."""
+    from diffusion.config import MiniConfig
+    from diffusion.demo.mini import _COMMON_KEYS, STAGE_KEYS
+
+    listed = {k.split(".")[0] for k in _COMMON_KEYS} | {k for keys in STAGE_KEYS.values() for k in keys}
+    fields = {f.name for f in dataclasses.fields(MiniConfig)} - MiniConfig.RUN_CONTROL_KEYS
+    assert fields == listed

@@ -276,7 +276,8 @@ def _read_report(out: Path, cfg: MiniConfig) -> dict:
     return report
 
 
-def _get(d: dict, dotted: str):
+def _get(d: dict, dotted: str) -> object:
+    """The value at ``a.b`` of nested dicts (None where absent), for the message."""
     for part in dotted.split("."):
         d = d.get(part) if isinstance(d, dict) else None
     return d
