@@ -869,11 +869,11 @@ def _plain_default(schema: type, dotted: str) -> Any:
     return value.value if isinstance(value, enum.Enum) else value
 
 
-def _lookup(d: Any, dotted: str) -> Any:
-    """The value at ``a.b.c`` of nested dicts, or _ABSENT."""
+def lookup(d: Any, dotted: str, absent: Any = _ABSENT) -> Any:
+    """The value at ``a.b.c`` of nested dicts, or ``absent``."""
     for part in dotted.split("."):
         if not isinstance(d, dict) or part not in d:
-            return _ABSENT
+            return absent
         d = d[part]
     return d
 
@@ -890,4 +890,4 @@ def result_keys_changed(schema: type, old: dict, new: dict) -> List[str]:
             old[now] = old.pop(was)
     # a key the old stamp lacks is the same run while it holds its default (both sides absent never differ)
     return [k for k in differing_keys(old, new) if k not in control
-            and not (_lookup(old, k) is _ABSENT and _lookup(new, k) == _plain_default(schema, k))]
+            and not (lookup(old, k) is _ABSENT and lookup(new, k) == _plain_default(schema, k))]

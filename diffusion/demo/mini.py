@@ -248,7 +248,7 @@ def _read_report(out: Path, cfg: MiniConfig) -> dict:
     """The folder's training report ({} when there is none, or when overwrite retrains everything). A finished stage
     that a rerun would skip must have been trained with this config's values of its keys: otherwise the report would
     claim settings its weights were not trained with, so that is refused before anything loads."""
-    from diffusion.config import result_keys_changed
+    from diffusion.config import lookup, result_keys_changed
     from diffusion.errors import ArtefactError, ConfigError
 
     path = out / "training_report.json"
@@ -268,19 +268,12 @@ def _read_report(out: Path, cfg: MiniConfig) -> dict:
         depends += keys
         clash = sorted(k for k in changed if k in depends)
         if (out / stage).exists() and clash:
-            shown = ", ".join(f"{k}={_get(report_config(cfg), k)!r} (trained with {_get(stored, k)!r})"
+            shown = ", ".join(f"{k}={lookup(report_config(cfg), k)!r} (trained with {lookup(stored, k, None)!r})"
                               for k in clash)
             raise ConfigError(f"{out / stage} was trained with other settings than this config's: {shown}. A rerun "
                               "keeps finished stages, so these values would not be used: retrain with overwrite=true, "
                               "or write to a new output_dir.")
     return report
-
-
-def _get(d: dict, dotted: str) -> object:
-    """The value at ``a.b`` of nested dicts (None where absent), for the message."""
-    for part in dotted.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
 
 
 # --------------------------------------------------------------------------------------------------------------------
