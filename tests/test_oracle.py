@@ -30,7 +30,7 @@ from diffusion.oracle.members import (
     OracleError, WeightsUnavailableError, build_cnn, build_net, independence_warnings, load_clip, load_oracle,
     require_classes, resize_batch, save_member,
 )
-from diffusion.oracle.training import augment, recalibrate_batchnorm, split_part, split_train_val, train_classifiers
+from diffusion.oracle.training import augment, mixup, recalibrate_batchnorm, split_part, split_train_val, train_classifiers
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -143,6 +143,7 @@ def test_the_demo_judge_is_independent_of_the_demo_oracle_by_config() -> None:
     ("train_part=[2,2]", "train_part"),
     ("augment=mirror", "augment"),
     ("min_accuracy=1.5", "min_accuracy"),
+    ("mixup=-0.5", "mixup"),
 ])
 def test_bad_classifier_configs_name_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace("[", r"\[")):
@@ -204,6 +205,23 @@ def test_augmentation_is_seeded_and_flips_scales_rotates_or_shifts() -> None:
     moved = augment(dot.repeat(8, 1, 1, 1), torch.Generator().manual_seed(1), scale=(1.0, 1.0), flip=False,
                     rotate=10.0, shift=0.1)
     assert not torch.allclose(moved[0], dot[0], atol=1e-2) and (moved.sum((1, 2, 3)) > 1).all()  # moved, kept
+
+
+def test_mixup_blends_images_and_labels_alike_and_is_seeded() -> None:
+    images = torch.rand(8, 3, 6, 6)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    mixed, soft = mixup(images, labels, 3, 0.4, torch.Generator().manual_seed(5))
+    again, soft_again = mixup(images, labels, 3, 0.4, torch.Generator().manual_seed(5))
+    assert torch.equal(mixed, again) and torch.equal(soft, soft_again)
+    assert mixed.shape == images.shape and soft.shape == (8, 3)
+    assert torch.allclose(soft.sum(1), torch.ones(8)) and (soft >= 0).all()
+    assert not torch.allclose(mixed, images)  # Beta(0.4, 0.4) weights are almost never all 1
+    # each mixed image is l * its own + (1 - l) * one other image of the batch, l being its own label's weight
+    for i in range(8):
+        lam = soft[i, labels[i]] if soft[i].max() < 1 else torch.tensor(1.0)
+        rest = (mixed[i] - lam * images[i]) / (1 - lam) if lam < 1 else None
+        if rest is not None and lam > 0.01:
+            assert min(float((rest - images[j]).abs().max()) for j in range(8)) < 1e-4
 
 
 def test_batchnorm_recalibration_replaces_the_running_statistics() -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,6 +78,24 @@ def augment(images: torch.Tensor, generator: torch.Generator, scale: Tuple[float
     theta[:, :, 2] = t  # shift in [-1, 1] coordinates: 2 * shift of the image size
     grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def mixup(images: torch.Tensor, labels: torch.Tensor, n_classes: int, alpha: float,
+          generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (Zhang et al., ICLR 2018): each image blended with a random other image of the batch, x = l x_i +
+    (1 - l) x_j with one l ~ Beta(alpha, alpha) per image, and its target the same blend of the two one-hot labels.
+    A classifier trained so gives in-between images in-between probabilities instead of a confident verdict.
+
+    (B, C, H, W), (B,) class indices -> the mixed images and (B, n_classes) soft targets. ``generator`` (CPU) draws
+    the partners and the weights (the Beta draws through numpy, seeded from it: torch's Beta takes no generator)."""
+    b = images.shape[0]
+    partner = torch.randperm(b, generator=generator)
+    rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
+    lam = torch.from_numpy(rng.beta(alpha, alpha, size=b)).to(images.device, images.dtype)
+    mixed = lam.view(b, 1, 1, 1) * images + (1 - lam.view(b, 1, 1, 1)) * images[partner.to(images.device)]
+    one_hot = F.one_hot(labels.to(images.device), n_classes).to(images.dtype)
+    soft = lam.view(b, 1) * one_hot + (1 - lam.view(b, 1)) * one_hot[partner.to(images.device)]
+    return mixed, soft
 
 
 def _by_class(records: Sequence[ImageRecord]) -> Dict[str, List[ImageRecord]]:
@@ -324,7 +343,9 @@ def train_network(architecture: str, train: ImageSet, val: ImageSet, data: Oracl
         order = torch.randperm(len(train.labels), generator=shuffle)
         for x, y in train.batches(cfg.batch_size, order):
             x = x.to(device)  # augmented on the training device: grid_sample is cheap on a GPU
-            yield (augment(x, shuffle, **augmentation) if augmentation else x), y  # type: ignore[arg-type]
+            if augmentation:
+                x = augment(x, shuffle, **augmentation)  # type: ignore[arg-type]
+            yield mixup(x, y, len(data.classes), cfg.mixup, shuffle) if cfg.mixup > 0 else (x, y)
 
     result = fit(member, member.parameters(), train_batches, lambda: val.batches(cfg.batch_size), cfg.epochs,
                  cfg.patience, cfg.learning_rate, device, architecture, member.weights,
@@ -378,7 +399,8 @@ def train_clip_probe(data: OracleData, cfg: ClassifierConfig, device: torch.devi
 
 def _provenance(cfg: ClassifierConfig, data: OracleData, result: FitResult, pretrained: bool) -> Dict[str, object]:
     return {
-        "pretrained": pretrained, "seed": cfg.seed, "augment": str(cfg.augment), "val_loss": result.val_loss,
+        "pretrained": pretrained, "seed": cfg.seed, "augment": str(cfg.augment), "mixup": cfg.mixup,
+        "val_loss": result.val_loss,
         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "history": result.history,
         "counts": data.counts(),
         "dataset": {"name": cfg.data.name, "root": cfg.data.root, "train_split": cfg.data.train_split,
