@@ -69,6 +69,11 @@ def test_micro_mini_model_trains_augmented_and_loads(tmp_path):
     report_file.write_text("{not json")
     with pytest.raises(ArtefactError, match="training_report.json: damaged"):
         train_mini_model(cfg)
+    old_report = json.loads(good_report)  # written before unet_ema_decay existed: the message says so
+    del old_report["config"]["unet_ema_decay"]
+    report_file.write_text(json.dumps(old_report))
+    with pytest.raises(ConfigError, match=r"unet_ema_decay=0\.5 \(the report does not record it\)"):
+        train_mini_model(dataclasses.replace(cfg, unet_ema_decay=0.5))
     report_file.write_text(good_report)
 
     pipe = DIFFusionPipeline.from_pretrained(str(out / "decoder"), str(out / "prior"), device="cpu")

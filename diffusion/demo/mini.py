@@ -268,8 +268,13 @@ def _read_report(out: Path, cfg: MiniConfig) -> dict:
         depends += keys
         clash = sorted(k for k in changed if k in depends)
         if (out / stage).exists() and clash:
-            shown = ", ".join(f"{k}={lookup(report_config(cfg), k)!r} (trained with {lookup(stored, k, None)!r})"
-                              for k in clash)
+            missing = object()
+
+            def was(k: str) -> str:
+                v = lookup(stored, k, missing)
+                return "the report does not record it" if v is missing else f"trained with {v!r}"
+
+            shown = ", ".join(f"{k}={lookup(report_config(cfg), k)!r} ({was(k)})" for k in clash)
             raise ConfigError(f"{out / stage} was trained with other settings than this config's: {shown}. A rerun "
                               "keeps finished stages, so these values would not be used: retrain with overwrite=true, "
                               "or write to a new output_dir.")
