@@ -168,7 +168,8 @@ def main() -> None:
                    (f["diffusion"]["judged_flips_closer_than_nearest_real_target"]["rate"] or 0) >= TARGET)
            for d, f in figures.items()}
     config = Path(args.config).resolve()
-    result = {"config": str(config.relative_to(REPO)) if config.is_relative_to(REPO) else args.config, "pairs": args.pairs, "per_class": args.per_class, "ceiling": args.ceiling,
+    result = {"config": str(config.relative_to(REPO)) if config.is_relative_to(REPO) else args.config,
+              "pairs": args.pairs, "per_class": args.per_class, "ceiling": args.ceiling,
               "settings": {"eta": base.eta, "guidance_scale": base.guidance_scale, "search": base.search.value,
                            "t_skips": list(base.t_skips), "flip_threshold": base.flip_threshold,
                            "flip_agreement": base.flip_agreement.value, "num_inference_steps": base.num_inference_steps,

@@ -508,7 +508,7 @@ class ClassifierConfig(Schema):
     augment: Augment = opt(Augment.flip_scale, "kind ensemble: training augmentation (affine for digits and text)")
     mixup: float = opt(0.0, "kind ensemble: mixup's Beta(a, a) parameter a: each training image blended with "
                             "another of its batch and its label likewise, so in-between images get in-between "
-                            "probabilities (a calibrated oracle); 0 = off", ge=0)
+                            "probabilities; 0 = off", ge=0)
     image_size: int = opt(224, "kind ensemble: the networks' input size (clip_probe uses CLIP's own)", gt=0)
     clip_model: str = opt("ViT-B-32", "kind clip_probe: an open_clip model name")
     clip_pretrained: Optional[str] = opt("laion2b_s34b_b79k", "kind clip_probe: open_clip tag or weights file; null "
