@@ -12,6 +12,7 @@ Tensors are only ever read with safetensors (no pickle).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -213,6 +214,49 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _create_lock(lock: Path, record: str) -> bool:
+    """Create ``lock`` holding ``record``, or return False when it exists. The file appears with its record already
+    in it (written beside it, then hard-linked into place, which fails if the name exists), so another process never
+    reads a lock that exists but is still empty, as the processes of one torchrun job starting together would. Where
+    the filesystem has no hard links, an exclusive create and a write."""
+    tmp = lock.with_name(f"{lock.name}.{os.getpid()}.tmp")
+    tmp.write_text(record, encoding="utf-8")
+    try:
+        os.link(tmp, lock)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(record)
+    return True
+
+
+def _read_lock(lock: Path, wait_s: float = 2.0) -> dict:
+    """The holder's record of ``lock`` ({} when unreadable). An empty or half-written record (a holder between its
+    exclusive create and its write, on a filesystem without hard links) is read again for up to ``wait_s``."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            holder = json.loads(lock.read_text(encoding="utf-8") or "null")
+        except (OSError, ValueError):
+            holder = None
+        if isinstance(holder, dict) or time.monotonic() >= deadline:
+            return holder if isinstance(holder, dict) else {}
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def run_lock(folder: PathLike) -> Iterator[Path]:
     """Hold ``folder/.lock`` while a run writes into ``folder``: a second run into the same folder is refused with a
@@ -232,31 +276,26 @@ def run_lock(folder: PathLike) -> Iterator[Path]:
           "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     for attempt in range(2):
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text(encoding="utf-8") or "{}")
-            except (OSError, ValueError):
-                holder = {}
-            pid, host = holder.get("pid"), holder.get("host")
-            same_job = me["job"] is not None and holder.get("job") == me["job"]
-            if host == me["host"] and (pid == me["pid"] or same_job):  # this process or its job holds it: share it
-                yield lock
-                return
-            if attempt == 0 and host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
-                logging.getLogger(__name__).warning("%s: taking over the lock of a run that no longer exists (pid "
-                                                    "%s)", folder, pid)
-                with contextlib.suppress(OSError):
-                    lock.unlink()
-                continue
-            raise BusyError(f"{folder} is in use by another run (pid {pid} on {host}, since {holder.get('started')})"
-                            f": wait for it to finish, or use another output_dir. If no run uses it any more, delete "
-                            f"{lock}.") from None
+            created = _create_lock(lock, json.dumps(me))
         except OSError as err:
             raise output_error(lock, err, "create") from err
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(me))
-        break
+        if created:
+            break
+        holder = _read_lock(lock)
+        pid, host = holder.get("pid"), holder.get("host")
+        same_job = me["job"] is not None and holder.get("job") == me["job"]
+        if host == me["host"] and (pid == me["pid"] or same_job):  # this process or its job holds it: share it
+            yield lock
+            return
+        if attempt == 0 and host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
+            logging.getLogger(__name__).warning("%s: taking over the lock of a run that no longer exists (pid "
+                                                "%s)", folder, pid)
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            continue
+        raise BusyError(f"{folder} is in use by another run (pid {pid} on {host}, since {holder.get('started')})"
+                        f": wait for it to finish, or use another output_dir. If no run uses it any more, delete "
+                        f"{lock}.")
     try:
         yield lock
     finally:

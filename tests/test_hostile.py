@@ -383,3 +383,30 @@ def test_the_processes_of_one_distributed_job_share_the_lock(tmp_path, monkeypat
     with pytest.raises(BusyError, match="in use by another run"):
         with run_lock(tmp_path):
             pass
+
+
+def test_a_lock_still_being_written_by_another_rank_is_shared_not_refused(tmp_path, monkeypatch):
+    """Two ranks of one torchrun job starting together: the second must never read the first's lock while it is
+    empty and take it for a foreign run (CI once failed so). The lock appears with its record in it; a record that
+    is empty for a moment (an exclusive create and a write, where the filesystem has no hard links) is read again."""
+    import socket
+    import threading
+
+    from diffusion.files import run_lock
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
+    with run_lock(tmp_path / "new") as lock:  # created with its record already in it
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        assert [p.name for p in lock.parent.iterdir()] == [".lock"]  # no temporary file left beside it
+    assert not (tmp_path / "new" / ".lock").exists()
+    lock = tmp_path / ".lock"
+    lock.write_text("")  # the other rank has created it and not yet written its record
+    record = json.dumps({"pid": 1, "host": socket.gethostname(), "job": "job-a"})
+    writer = threading.Timer(0.3, lambda: lock.write_text(record))
+    writer.start()
+    try:
+        with run_lock(tmp_path):  # shared once the record is there, not refused as "pid None"
+            pass
+    finally:
+        writer.join()
+    assert lock.read_text() == record  # left to its owner
