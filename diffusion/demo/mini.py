@@ -244,6 +244,15 @@ def report_config(cfg: MiniConfig) -> dict:
     return config
 
 
+def _trained_with(stored: dict, key: str) -> str:
+    """What a training report says of ``key``: its value, or that a report older than the key does not record it."""
+    from diffusion.config import lookup
+
+    missing = object()
+    value = lookup(stored, key, missing)
+    return "the report does not record it" if value is missing else f"trained with {value!r}"
+
+
 def _read_report(out: Path, cfg: MiniConfig) -> dict:
     """The folder's training report ({} when there is none, or when overwrite retrains everything). A finished stage
     that a rerun would skip must have been trained with this config's values of its keys: otherwise the report would
@@ -268,13 +277,7 @@ def _read_report(out: Path, cfg: MiniConfig) -> dict:
         depends += keys
         clash = sorted(k for k in changed if k in depends)
         if (out / stage).exists() and clash:
-            missing = object()
-
-            def was(k: str) -> str:
-                v = lookup(stored, k, missing)
-                return "the report does not record it" if v is missing else f"trained with {v!r}"
-
-            shown = ", ".join(f"{k}={lookup(report_config(cfg), k)!r} ({was(k)})" for k in clash)
+            shown = ", ".join(f"{k}={lookup(report_config(cfg), k)!r} ({_trained_with(stored, k)})" for k in clash)
             raise ConfigError(f"{out / stage} was trained with other settings than this config's: {shown}. A rerun "
                               "keeps finished stages, so these values would not be used: retrain with overwrite=true, "
                               "or write to a new output_dir.")

@@ -89,12 +89,12 @@ def mixup(images: torch.Tensor, labels: torch.Tensor, n_classes: int, alpha: flo
     (B, C, H, W), (B,) class indices -> the mixed images and (B, n_classes) soft targets. ``generator`` (CPU) draws
     the partners and the weights (the Beta draws through numpy, seeded from it: torch's Beta takes no generator)."""
     b = images.shape[0]
-    partner = torch.randperm(b, generator=generator)
+    partner = torch.randperm(b, generator=generator).to(images.device)
     rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
     lam = torch.from_numpy(rng.beta(alpha, alpha, size=b)).to(images.device, images.dtype)
-    mixed = lam.view(b, 1, 1, 1) * images + (1 - lam.view(b, 1, 1, 1)) * images[partner.to(images.device)]
+    mixed = lam.view(b, 1, 1, 1) * images + (1 - lam.view(b, 1, 1, 1)) * images[partner]
     one_hot = F.one_hot(labels.to(images.device), n_classes).to(images.dtype)
-    soft = lam.view(b, 1) * one_hot + (1 - lam.view(b, 1)) * one_hot[partner.to(images.device)]
+    soft = lam.view(b, 1) * one_hot + (1 - lam.view(b, 1)) * one_hot[partner]
     return mixed, soft
 
 
