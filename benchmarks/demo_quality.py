@@ -75,7 +75,7 @@ def _method(pipe, inv, x, direction, cfg, clf, nearest) -> dict:
                flip_agreement=cfg.flip_agreement, output_type="pt")
     tried = [e for e in out.edits if not e.already_target]
     oracle_flips = [e for e in tried if e.flipped]
-    judged = [e for e in tried if e.picture is not None and _argmax(e.judge_probs) == direction.target]
+    judged = [e for e in tried if e.judge_flipped]  # the judge agrees with an edit the search accepted
     l2 = {e.image: float(pixel_l2(x[e.image:e.image + 1], e.picture[None])[0]) for e in tried}
     closer = [e for e in judged if l2[e.image] < float(nearest[e.image])]
     return {

@@ -21,6 +21,7 @@ what the tests check here is what a run computes. The method is in docs/method.m
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,10 +94,27 @@ class Edit:
     member_probs: Optional[Dict[str, List[float]]] = None  # each oracle member's probability of each class, when
     #                                                         the criterion asked for them (flip_agreement: all)
     criterion: Optional[str] = None  # the flip criterion the search used
+    searched: bool = False  # a search (first_flip / bisect) chose this edit
 
     @property
     def unet_evals(self) -> int:
         return self.sampling_evals + self.inversion_evals
+
+    @property
+    def judge_flipped(self) -> Optional[bool]:
+        """The judge's verdict on this edit as a result: its argmax is the target, on an edit the method stands
+        behind. Never for an already-target image, and never when a search found no edit meeting the criterion: the
+        strongest attempt it keeps for inspection is no counterfactual, whatever the judge makes of it (counting it
+        would credit the method with a picture it rejected, often a full re-sample). None when a judge could have
+        scored the edit but none did."""
+        if self.already_target or self.picture is None or (self.searched and not self.flipped):
+            return False
+        if self.judge_probs is None:
+            return None
+        finite = {c: p for c, p in self.judge_probs.items() if math.isfinite(p)}
+        if not finite or len(finite) < len(self.judge_probs):
+            return False
+        return max(finite, key=finite.get) == self.target
 
 
 @dataclass
@@ -350,8 +368,9 @@ class DIFFusionPipeline:
                                     pred_before=pred_before,
                                     plan=self.editor.plan_for(mode, t_skips, inv.T, inv.mode, guidance_scale,
                                                               inv.guidance))
-        edits = [self._edit_of(o, inv, directions, image_of, oracle, probs_before, criterion if oracle else None)
-                 for o in outcomes]
+        searched = mode in (SearchMode.first_flip, SearchMode.bisect)
+        edits = [self._edit_of(o, inv, directions, image_of, oracle, probs_before, criterion if oracle else None,
+                               searched) for o in outcomes]
         if judge is not None:
             self._judge(judge, edits, inv, directions)
         attempts = [{"image": int(image_of[a.item]), "item": a.item, "target": directions[a.item].target,
@@ -362,7 +381,7 @@ class DIFFusionPipeline:
         return DIFFusionOutput(images=_to_output(pictures, output_type), edits=edits, inversion=inv, attempts=attempts)
 
     def _edit_of(self, o: EditOutcome, inv: Inversion, directions, image_of, oracle, probs_before,
-                 criterion) -> Edit:
+                 criterion, searched: bool) -> Edit:
         u = int(image_of[o.item])
         a = o.chosen
         return Edit(
@@ -371,7 +390,7 @@ class DIFFusionPipeline:
             attempts=len(o.attempts), probs=_named(oracle, a.probs) if (oracle is not None and a) else None,
             probs_before=_named(oracle, probs_before[o.item]) if probs_before is not None else None,
             flipped=o.flipped if oracle is not None else None, already_target=o.already_target,
-            criterion=criterion.describe() if criterion is not None else None,
+            criterion=criterion.describe() if criterion is not None else None, searched=searched,
             member_probs=({str(c): [float(v) for v in a.member_probs[:, k]] for k, c in enumerate(oracle.classes)}
                           if oracle is not None and a is not None and a.member_probs is not None else None))
 

@@ -100,6 +100,44 @@ def test_search_with_an_oracle_keeps_the_mildest_edit_that_meets_the_criterion(p
     assert all(e.already_target and not e.flipped and e.picture is None for e in out.edits) and not out.attempts
 
 
+
+class Constant:
+    """A stand-in classifier over ("3", "8") that calls every image ``label``."""
+
+    classes = ("3", "8")
+
+    def __init__(self, label: str):
+        self.index = self.classes.index(label)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        p = torch.zeros(len(images), 2)
+        p[:, self.index] = 1.0
+        return p
+
+
+def test_the_judge_never_credits_an_edit_the_search_rejected(pipe, digits):
+    """A search that finds no flip keeps its strongest attempt for inspection; the judge calling that picture the
+    target must not count as a flip (it is no counterfactual). Without a search every edit is a result."""
+    direction = pipe.class_direction(_files(digits, "train", "3", 20), _files(digits, "train", "8", 20),
+                                     names=("3", "8"))
+    inv = pipe.invert(_files(digits, "test", "3", 2), num_inference_steps=T,
+                      generator=torch.Generator().manual_seed(2))
+    never, judge = Constant("3"), Constant("8")
+    searched = pipe(inv, direction, eta=1.0, t_skip=[0.9, 0.8], guidance_scale=1.0, search="first_flip",
+                    oracle=never, judge=judge)
+    for e in searched.edits:
+        assert e.searched and not e.flipped and e.t_skip == 0.8 and e.picture is not None  # the strongest attempt
+        assert e.judge_probs["8"] == 1.0 and e.judge_flipped is False
+    fixed = pipe(inv, direction, eta=1.0, t_skip=0.8, guidance_scale=1.0, oracle=never, judge=judge)
+    assert all(not e.searched and e.judge_flipped is True for e in fixed.edits)  # the judge alone decides
+    accepted = pipe(inv, direction, eta=1.0, t_skip=[0.9, 0.8], guidance_scale=1.0, search="first_flip",
+                    oracle=judge, judge=judge)
+    assert all(e.already_target and e.judge_flipped is False for e in accepted.edits)  # already "8": no edit
+    moved = TargetAfterChange(pipe.preprocess(_files(digits, "test", "3", 2)), threshold=0.0)  # "8" once changed
+    found = pipe(inv, direction, eta=1.0, t_skip=[0.9, 0.8], guidance_scale=1.0, search="first_flip",
+                 oracle=moved, judge=judge)
+    assert all(e.searched and e.flipped and e.t_skip == 0.9 and e.judge_flipped is True for e in found.edits)
+    assert pipe(inv, direction, eta=1.0, t_skip=0.8, guidance_scale=1.0).edits[0].judge_flipped is None  # no judge
 def test_bad_input_is_refused_with_a_clear_message(pipe, digits, tmp_path):
     direction = ClassDirection(torch.zeros(pipe.encoder.embed_dim), torch.ones(pipe.encoder.embed_dim), "3", "8")
     inv = pipe.invert(_files(digits, "test", "3", 1), num_inference_steps=T,

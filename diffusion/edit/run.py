@@ -340,9 +340,8 @@ def _rows(cfg: EditConfig, result: DIFFusionOutput, items: List[EditItem], sourc
             before, after = e.judge_probs_before or {}, e.judge_probs
             row.update(judge_pred_before=_argmax(before), judge_prob_before=before.get(it.target),
                        judge_prob_after=after[it.target] if after is not None else None,
-                       # the judge's own verdict (its argmax); an already-target row is never a flip
-                       judge_flipped=bool(after is not None and not e.already_target and _argmax(after) == it.target
-                                          and all(map(math.isfinite, after.values()))))
+                       # the judge's argmax, on an edit the search accepted (diffusion.pipeline.Edit.judge_flipped)
+                       judge_flipped=bool(e.judge_flipped))
         if e.picture is not None:
             row.update(counterfactual_path=f"{it.out_dir}/cf_{suffix}.png", pair_path=f"{it.out_dir}/pair_{suffix}.png")
             save_image(e.picture, out / str(row["counterfactual_path"]))
