@@ -55,3 +55,22 @@ def test_demo_quality_runs_on_the_shipped_model_and_its_ceiling_bounds_the_stopp
         assert ceiling["n"] == d["diffusion"]["n_attempted"] <= 2, name
         assert closer["k"] <= ceiling["k"] <= ceiling["n"], (name, closer, ceiling)
     assert "ceiling: some t_skip judged and closer" in proc.stdout
+
+
+def test_the_readme_demo_table_is_the_shipped_benchmark_output():
+    """The README's judged demo table must show what benchmarks/demo_quality.py wrote to
+    assets/mini_digits/demo_quality.json: every direction's oracle and judge flips, closer counts and verdict."""
+    figures = json.loads((REPO / "assets/mini_digits/demo_quality.json").read_text())
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## The demo, judged independently"):]
+    rows = {f"{m.group(1)}->{m.group(2)}": m for m in re.finditer(
+        r"^\| (\d) → (\d) \| [\d.]+ \((\d+)/(\d+)\) [^|]* \| \*\*[\d.]+ \((\d+)/(\d+)\) [^|]*\*\* \| [\d.]+ \((\d+)/(\d+)\)"
+        r"[^|]* \|.* \| (yes|no) \|$", section, re.M)}
+    assert set(rows) == set(figures["directions"]), "README table directions differ from demo_quality.json"
+    for name, d in figures["directions"].items():
+        m, f = rows[name], d["diffusion"]
+        shown = tuple(int(m.group(i)) for i in range(3, 9))
+        assert shown == (f["oracle_flip_rate"]["k"], f["oracle_flip_rate"]["n"], f["judge_flip_rate"]["k"],
+                         f["judge_flip_rate"]["n"], f["judged_flips_closer_than_nearest_real_target"]["k"],
+                         f["judged_flips_closer_than_nearest_real_target"]["n"]), name
+        assert (m.group(9) == "yes") == figures["targets_met"][name], name
