@@ -35,7 +35,7 @@ from typing import Dict, List, Optional
 import torch
 
 from _common import REPO
-from diffusion.config import EditConfig, SearchMode, load_config
+from diffusion.config import SEARCHES, EditConfig, load_config
 from diffusion.data import make_loader, split_records
 from diffusion.devices import resolve_device
 from diffusion.edit.run import image_seed, load_classifiers, load_means, load_pipeline, plan_items
@@ -68,7 +68,7 @@ def _mean(values: List[float]) -> dict:
 
 def _method(pipe, inv, x, direction, cfg, clf, nearest) -> dict:
     """Search as the config says on one inversion; the oracle's and the judge's verdicts and the distances."""
-    search = cfg.search.value if cfg.search in (SearchMode.first_flip, SearchMode.bisect) else None
+    search = cfg.search.value if cfg.search in SEARCHES else None
     t_skips = list(cfg.t_skips) if search else [cfg.t_skip]
     out = pipe(inv, direction, eta=cfg.eta[0], t_skip=t_skips, guidance_scale=cfg.guidance_scale, search=search,
                oracle=clf.oracle, judge=clf.judge, flip_threshold=cfg.flip_threshold,

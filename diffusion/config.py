@@ -66,6 +66,11 @@ class SearchMode(Mode):
     sweep = "sweep"  # every t_skip x eta, for analysis
 
 
+# The modes that search for the mildest edit meeting the flip criterion (they need an oracle; an image for which no
+# t_skip meets it keeps its strongest attempt, which is no result). str-valued: results.csv's "search" cell matches.
+SEARCHES = frozenset({SearchMode.first_flip, SearchMode.bisect})
+
+
 class InversionCond(Mode):
     null = "null"  # invert with the null embedding, no guidance (the canonical edit-friendly setting)
     source = "source"  # invert with classifier-free guidance on the image's own embedding at inversion_guidance

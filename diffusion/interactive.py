@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from PIL import Image
 
-from diffusion.config import EditConfig, SearchMode
+from diffusion.config import SEARCHES, EditConfig, SearchMode
 from diffusion.edit.editor import Inversion, Oracle, classify
 from diffusion.errors import ConfigError
 from diffusion.files import atomic_write_json
@@ -36,7 +36,6 @@ from diffusion.pipeline import ClassDirection, DIFFusionPipeline, Edit
 
 log = logging.getLogger(__name__)
 
-SEARCHES = (SearchMode.first_flip, SearchMode.bisect)
 
 
 # --------------------------------------------------------------------------------------------------------------------

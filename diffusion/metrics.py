@@ -23,6 +23,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from diffusion.config import SEARCHES
 from diffusion.errors import LpipsError
 from diffusion.stats import (
     DEFAULT_RESAMPLES, DEFAULT_SEED, as_list, bootstrap_mean_interval, wilson_interval,
@@ -158,8 +159,12 @@ def is_flip(row: Dict[str, str]) -> bool:
 
 
 def is_judge_flip(row: Dict[str, str]) -> bool:
-    """The independent judge's verdict on the edit (never for an already-target row)."""
-    return row.get("judge_flipped") == "1" and not is_already_target(row)
+    """The independent judge's verdict on the edit: never for an already-target row, nor for the strongest attempt
+    a search keeps when no t_skip met the criterion (no counterfactual; results.csv rows written before the run
+    said so themselves may still carry judge_flipped 1 there, so the rule is applied on reading too)."""
+    if row.get("judge_flipped") != "1" or is_already_target(row):
+        return False
+    return not (row.get("search") in SEARCHES and row.get("flipped") != "1")
 
 
 

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from diffusion.config import (
-    KANDINSKY_DECODER, KANDINSKY_PRIOR, DType, FlipAgreement, InversionCond, ModelConfig, SearchMode,
+    KANDINSKY_DECODER, KANDINSKY_PRIOR, SEARCHES, DType, FlipAgreement, InversionCond, ModelConfig, SearchMode,
 )
 from diffusion.devices import resolve_device, resolve_dtype
 from diffusion.edit.editor import Editor, EditOutcome, Inversion, Oracle, classify
@@ -351,7 +351,7 @@ class DIFFusionPipeline:
         directions, image_of = _items(inv, direction, image_index)
         mode = SearchMode(search) if search is not None else (SearchMode.fixed if len(_as_list(t_skip)) == 1
                                                               else SearchMode.sweep)
-        if mode in (SearchMode.first_flip, SearchMode.bisect) and oracle is None:
+        if mode in SEARCHES and oracle is None:
             raise ConfigError(f"search={mode.value} needs an oracle (a classifier folder: diffusion.load_oracle)")
         criterion = FlipCriterion(flip_threshold, FlipAgreement(flip_agreement))
         etas, t_skips = _as_list(eta), _as_list(t_skip)
@@ -368,7 +368,7 @@ class DIFFusionPipeline:
                                     pred_before=pred_before,
                                     plan=self.editor.plan_for(mode, t_skips, inv.T, inv.mode, guidance_scale,
                                                               inv.guidance))
-        searched = mode in (SearchMode.first_flip, SearchMode.bisect)
+        searched = mode in SEARCHES
         edits = [self._edit_of(o, inv, directions, image_of, oracle, probs_before, criterion if oracle else None,
                                searched) for o in outcomes]
         if judge is not None:

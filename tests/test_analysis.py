@@ -240,6 +240,22 @@ def test_already_target_rows_never_count_and_no_verdict_means_none():
     assert already_flipped["n_flipped"] == 0 and already_flipped["judge_flip_rate"] == 0.0  # never a flip
 
 
+def test_the_judge_never_credits_a_rejected_search_even_in_an_old_results_csv():
+    """A row whose search found no flip keeps its strongest attempt; an older results.csv may say judge_flipped 1
+    there. Neither the summary nor a lesson counts it; with search fixed or sweep the judge alone decides."""
+    from diffusion.views.quiz import lesson_row, reached_target
+
+    rejected = _row("a/1", flipped="0", judge_flipped="1", l2="0.05", counterfactual_path="e/1/cf_eta1.png")
+    accepted = _row("a/2", flipped="1", judge_flipped="1", counterfactual_path="e/2/cf_eta1.png")
+    s = summarize([rejected, accepted])
+    assert (s["n_judge_flipped"], s["judge_flip_rate"]) == (1, 0.5)
+    assert reached_target(rejected, "judge_flipped") is False and reached_target(accepted, "judge_flipped") is True
+    assert lesson_row([rejected, dict(accepted, source_path="a/1", l2="0.3")])["l2"] == "0.3"  # not the smaller one
+    for mode in ("fixed", "sweep"):
+        row = _row("a/1", flipped="0", judge_flipped="1", search=mode, counterfactual_path="e/1/cf.png")
+        assert summarize([row])["judge_flip_rate"] == 1.0 and reached_target(row, "judge_flipped") is True
+
+
 def test_no_nan_anywhere_even_from_nan_cells():
     rows = [_row("a/1", flipped="1", l2="nan", lpips="inf"), _row("a/2", flipped="1", l2="0.3")]
     s = summarize(rows)

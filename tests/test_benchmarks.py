@@ -64,8 +64,8 @@ def test_the_readme_demo_table_is_the_shipped_benchmark_output():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## The demo, judged independently"):]
     rows = {f"{m.group(1)}->{m.group(2)}": m for m in re.finditer(
-        r"^\| (\d) → (\d) \| [\d.]+ \((\d+)/(\d+)\) [^|]* \| \*\*[\d.]+ \((\d+)/(\d+)\) [^|]*\*\* \| [\d.]+ \((\d+)/(\d+)\)"
-        r"[^|]* \|.* \| (yes|no) \|$", section, re.M)}
+        r"^\| (\d) → (\d) \| [\d.]+ \((\d+)/(\d+)\) [^|]* \| \*\*[\d.]+ \((\d+)/(\d+)\) [^|]*\*\* "
+        r"\| [\d.]+ \((\d+)/(\d+)\)[^|]* \|.* \| (yes|no) \|$", section, re.M)}
     assert set(rows) == set(figures["directions"]), "README table directions differ from demo_quality.json"
     for name, d in figures["directions"].items():
         m, f = rows[name], d["diffusion"]

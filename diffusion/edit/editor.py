@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
-from diffusion.config import InversionCond, SearchMode
+from diffusion.config import SEARCHES, InversionCond, SearchMode
 from diffusion.edit.search import FlipCriterion, Search, bisect_plan
 from diffusion.embeddings import edit_embedding
 from diffusion.errors import ArtefactError
@@ -279,7 +279,7 @@ class Editor:
             raise ValueError(f"image_of_item must give each of the {B} items an image in 0..{inv.num_images - 1}")
         criterion = criterion or FlipCriterion()
         judged = oracle is not None and target_index is not None
-        if search in (SearchMode.first_flip, SearchMode.bisect) and not judged:
+        if search in SEARCHES and not judged:
             raise ValueError(f"search: {search.value} needs an oracle (set oracle_dir) or use search: fixed")
         order = sorted(t_skips, reverse=True)  # mildest first
         tasks = [(b, float(eta)) for b in range(B) for eta in etas]

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from datasets.folder import ImageRecord
-from diffusion.config import EditConfig, SearchMode
+from diffusion.config import SEARCHES, EditConfig, SearchMode
 from diffusion.data import dataset_classes, make_loader, split_records
 from diffusion.devices import dtype_name, resolve_device, resolve_dtype
 from diffusion.edit.editor import Oracle
@@ -289,7 +289,7 @@ def _edit_batch(cfg: EditConfig, pipe: DIFFusionPipeline, means: Dict[str, torch
                   for it in items]
     t_skips = [cfg.t_skip] if cfg.search == SearchMode.fixed else list(cfg.t_skips)
     result = pipe(inv, directions, eta=list(cfg.eta), t_skip=t_skips, guidance_scale=cfg.guidance_scale,
-                  search=cfg.search if cfg.search in (SearchMode.first_flip, SearchMode.bisect) else None,
+                  search=cfg.search if cfg.search in SEARCHES else None,
                   oracle=clf.oracle, judge=clf.judge, flip_threshold=cfg.flip_threshold,
                   flip_agreement=cfg.flip_agreement, image_index=image_of_item)
     for it, u in zip(items, image_of_item):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 from urllib.parse import unquote
 
+from diffusion.metrics import is_judge_flip
 from diffusion.views.blind import OpaqueCopies, encode_class, page_key
 from diffusion.views.pages import Row, cell_float, row_change
 
@@ -36,6 +37,8 @@ def reached_target(row: Row, column: Optional[str]) -> Optional[bool]:
         return False
     if column is None:
         return None
+    if column == "judge_flipped":
+        return is_judge_flip(row)  # also never the kept strongest attempt of a search that found no flip
     return row.get(column) == "1"
 
 
