@@ -261,8 +261,8 @@ def verdict_source(rows: Sequence[Dict[str, str]]) -> Tuple[Optional[str], Optio
     """(judged_by, note): "judge" when the independent judge's columns are filled, else "oracle" (with a note that
     its flip rate is not an independent measure when it chose the edit), or (None, note) when nothing judged."""
     if _judge_judged(rows):
-        return "judge", ("judge_flip_rate is the independent judge's (judge_dir, never consulted by the search): the "
-                         "one to trust; flip_rate is the oracle's")
+        return "judge", ("judge_flip_rate is the independent judge's (judge_dir, never consulted by the search; an "
+                         "image whose search found no flip never counts): the one to trust; flip_rate is the oracle's")
     if not _judged(rows):
         return None, "no classifier judged the edits: no flip rate"
     if all(r.get("search") in ("sweep", "fixed") for r in rows):
