@@ -28,9 +28,8 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
@@ -48,13 +47,6 @@ TARGET = 0.9
 
 def _load_images(cfg: EditConfig, records, size: int) -> torch.Tensor:
     return torch.cat([b["pixel_values"] for b in make_loader(records, cfg.data, size, 64) if b is not None])
-
-
-def _argmax(probs: Optional[Dict[str, float]]) -> Optional[str]:
-    if not probs:
-        return None
-    finite = {k: v for k, v in probs.items() if math.isfinite(v)}
-    return max(finite, key=finite.get) if finite else None
 
 
 def _rate(k: int, n: int) -> dict:
@@ -98,8 +90,7 @@ def _ceiling(pipe, inv, x, direction, cfg, clf, nearest, attempted: List[int]) -
     reachable = set()
     for e in out.edits:
         u = attempted[e.image]
-        if (e.picture is not None and _argmax(e.judge_probs) == direction.target
-                and float(pixel_l2(x[u:u + 1], e.picture[None])[0]) < float(nearest[u])):
+        if e.judge_flipped and float(pixel_l2(x[u:u + 1], e.picture[None])[0]) < float(nearest[u]):
             reachable.add(u)
     return _rate(len(reachable), len(attempted))
 

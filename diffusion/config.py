@@ -550,6 +550,9 @@ class ClassifierConfig(Schema):
         self.need("lenet" not in small or self.image_size >= 16, "image_size", "must be at least 16 for lenet")
         self.need(check_device(self.device), "device", "must be auto, cpu, cuda, cuda:N or mps")
         self.need(self.save_dtype in (DType.float32, DType.float16), "save_dtype", "must be float32 or float16")
+        self.need(self.mixup == 0 or self.kind == OracleKind.ensemble, "mixup",
+                  f"= {self.mixup:g} but kind is {self.kind}: the linear probe trains on fixed features without "
+                  "mixup; set mixup: 0 or use kind: ensemble")
 
 
 @dataclass

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional
 
@@ -244,8 +245,6 @@ def _create_lock(lock: Path, record: str) -> bool:
 def _read_lock(lock: Path, wait_s: float = 2.0) -> dict:
     """The holder's record of ``lock`` ({} when unreadable). An empty or half-written record (a holder between its
     exclusive create and its write, on a filesystem without hard links) is read again for up to ``wait_s``."""
-    import time
-
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -265,7 +264,6 @@ def run_lock(folder: PathLike) -> Iterator[Path]:
     power cut) on this machine is taken over with a warning."""
     import logging
     import socket
-    import time
 
     from diffusion.errors import BusyError
 

@@ -152,6 +152,12 @@ def test_bad_classifier_configs_name_the_key(override: str, key: str) -> None:
         load_config(ClassifierConfig, str(REPO / "configs/classifier/demo.yaml"), [override])
 
 
+def test_mixup_on_a_linear_probe_is_refused_not_ignored() -> None:
+    with pytest.raises(ConfigError, match="mixup.*clip_probe"):
+        load_config(ClassifierConfig, str(REPO / "configs/classifier/demo.yaml"), ["kind=clip_probe", "mixup=0.4"])
+    assert load_config(ClassifierConfig, str(REPO / "configs/classifier/demo.yaml"), ["kind=clip_probe"]).mixup == 0
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Pure pieces: parts, the validation split, augmentation, BatchNorm recalibration, the accuracy record
 # --------------------------------------------------------------------------------------------------------------------
