@@ -596,6 +596,13 @@ class MiniConfig(Schema):
     unet_scale: float = opt(0.0, "UNet stage: random scaling of each training image by 1 +- this", ge=0, lt=1)
     unet_rotate: float = opt(0.0, "UNet stage: random rotation of each training image, up to this many degrees",
                              ge=0, le=180)
+    holdout_classes: List[str] = opt(help="classes whose validation images are left out of all three stages: the "
+                                          "images scripts/calibrate.py edits (same count and seed), so that the "
+                                          "settings are chosen on images the model never saw; [] = none",
+                                     factory=list)
+    holdout_per_class: int = opt(0, "validation images left out per class of holdout_classes (calibrate.py's "
+                                    "--images)", ge=0)
+    holdout_seed: int = opt(0, "the seed of that share (calibrate.py's --seed)", ge=0)
     batch_size: int = opt(64, "images per step", gt=0)
     save_dtype: DType = opt(DType.float16, "stored weights")
     overwrite: bool = opt(False, "retrain stages whose output already exists")
@@ -608,6 +615,8 @@ class MiniConfig(Schema):
         self.need(self.encoder_hidden % 4 == 0, "encoder_hidden", "must be a multiple of 4 (four attention heads)")
         self.need(self.image_size % 4 == 0, "image_size", "must be a multiple of 4 (the MoVQ halves it twice)")
         self.need(self.image_size % self.encoder_patch == 0, "encoder_patch", "must divide image_size")
+        self.need(bool(self.holdout_classes) == (self.holdout_per_class > 0), "holdout_per_class",
+                  "set both holdout_classes and holdout_per_class (or neither)")
 
 
 SCHEMAS: Dict[str, type] = {

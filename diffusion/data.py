@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
 
 from torch.utils.data import DataLoader
 
@@ -50,6 +52,23 @@ def split_records(d: DataConfig, split: str, classes: Optional[List[str]] = None
     lists = {c: d.file_lists[c] for c in classes if c in d.file_lists} if use_file_lists else None
     return build_records(prepare_root(d), split, classes, num_samples=d.num_samples, file_lists=lists,
                          extensions=get_spec(d.name).extensions)
+
+
+def validation_split(d: DataConfig, classes: Sequence[str], per_class: int,
+                     seed: int = 0) -> Tuple[Dict[str, List[ImageRecord]], Dict[str, List[ImageRecord]]]:
+    """({class: validation records}, {class: the other train records}): a seeded share of each class's train split.
+    scripts/calibrate.py edits these images; scripts/train_mini_model.py can leave the same ones out of training
+    (``holdout_classes``, ``holdout_per_class``, ``holdout_seed``), so that the calibration sees unseen images."""
+    val, rest = {}, {}
+    for c in classes:
+        records = split_records(d, d.train_split, [c])
+        if len(records) < per_class + 2:
+            raise ConfigError(f"class '{c}' has {len(records)} train images: too few to hold out {per_class} for "
+                              "validation (hold out fewer)")
+        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+        val[c] = [records[i] for i in sorted(order[:per_class])]
+        rest[c] = [records[i] for i in sorted(order[per_class:])]
+    return val, rest
 
 
 def make_loader(records: List[ImageRecord], d: DataConfig, size: int, batch_size: int) -> DataLoader:

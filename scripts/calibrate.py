@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 
 from diffusion.cli import add_overrides, config_from_args, guarded, setup_logging
@@ -81,7 +82,8 @@ def main(argv=None) -> int:
 
     def work() -> None:
         from diffusion.devices import resolve_device
-        from diffusion.edit.calibrate import Setting, calibrate, choose, direction_table, snippet, table
+        from diffusion.edit.calibrate import (Setting, calibrate, choose, direction_table, snippet, table,
+                                              validation_seen)
         from diffusion.edit.run import load_classifiers, load_pipeline
         from diffusion.files import atomic_write_text
 
@@ -93,6 +95,9 @@ def main(argv=None) -> int:
             raise ConfigError("name the class pairs with --pairs a,b [c,d ...] (the config does not list two classes)")
         classes = sorted({c for p in pairs for c in p})
         cfg = dataclasses.replace(base, data=dataclasses.replace(base.data, classes=classes, num_samples=None))
+        seen = validation_seen(cfg, classes, args.images, args.seed)
+        if seen:
+            logging.getLogger("calibrate").info(seen)
         clf = load_classifiers(cfg, classes, resolve_device(cfg.model.device))
         pipe = load_pipeline(cfg, resolve_device(cfg.model.device))
         settings = [Setting(e, g, t, a) for e in args.etas for g in args.guidance for t in args.thresholds
@@ -109,6 +114,8 @@ def main(argv=None) -> int:
             print("no setting made an edit the judge accepts: try larger etas or guidance, or check the judge")
             return
         print("\nthe chosen setting by direction:\n" + direction_table(chosen))
+        if seen:
+            print(seen)
         text = snippet(chosen, pairs, args.images)
         print("\n" + text, end="")
         if args.output:

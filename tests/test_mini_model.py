@@ -169,3 +169,40 @@ def test_every_training_key_belongs_to_a_stage():
     listed = {k.split(".")[0] for k in _COMMON_KEYS} | {k for keys in STAGE_KEYS.values() for k in keys}
     fields = {f.name for f in dataclasses.fields(MiniConfig)} - MiniConfig.RUN_CONTROL_KEYS
     assert fields == listed
+
+
+@pytest.mark.usefixtures("one_thread_module")
+def test_holdout_leaves_calibrates_validation_images_out_and_calibrate_knows(tmp_path):
+    """holdout_* leave out exactly the images scripts/calibrate.py edits (same classes, count and seed), and the
+    calibration reads the training report to say whether its validation images were unseen."""
+    from diffusion.config import DataConfig, EditConfig, MiniConfig, ModelConfig
+    from diffusion.data import validation_split
+    from diffusion.demo.mini import held_out_files, train_mini_model
+    from diffusion.edit.calibrate import validation_seen
+    from diffusion.errors import ConfigError
+
+    data = DataConfig(name="digits", root=str(tmp_path / "digits"))
+    out = tmp_path / "mini"
+    cfg = MiniConfig(output_dir=str(out), data=data, movq_steps=1, encoder_hidden=32, encoder_layers=1,
+                     encoder_steps=1, embed_dim=16, unet_channels=[32, 32], unet_steps=1, batch_size=8,
+                     holdout_classes=["3", "8"], holdout_per_class=5, holdout_seed=2)
+    val, _ = validation_split(data, ["3", "8"], 5, seed=2)
+    assert held_out_files(cfg) == sorted(str(r.path) for c in ("3", "8") for r in val[c])
+    report = train_mini_model(cfg)
+    assert report["data"] == {"train_images": 1347 - 10, "test_images": 450, "held_out_images": 10}
+
+    def edit_cfg(classes):
+        return EditConfig(output_dir=str(tmp_path / "edit"), search="fixed",
+                          data=dataclasses.replace(data, classes=classes),
+                          model=ModelConfig(decoder=str(out / "decoder"), prior=str(out / "prior")))
+
+    assert "held out of the model's training" in validation_seen(edit_cfg(["3", "8"]), ["3", "8"], 5, 2)
+    assert "held out" in validation_seen(edit_cfg(["3", "8"]), ["8"], 3, 2)  # fewer images: a subset
+    for classes, per_class, seed in [(["3", "4"], 5, 2), (["3", "8"], 6, 2), (["3", "8"], 5, 0)]:
+        assert "trained on these validation images" in validation_seen(edit_cfg(classes), classes, per_class, seed)
+    no_report = dataclasses.replace(edit_cfg(["3", "8"]), model=ModelConfig(decoder=str(tmp_path / "x" / "decoder")))
+    assert validation_seen(no_report, ["3", "8"], 5, 2) is None  # nothing known of a downloaded decoder
+    with pytest.raises(ConfigError, match="holdout_per_class"):
+        MiniConfig(output_dir="x", holdout_classes=["3"])
+    with pytest.raises(ConfigError, match="holdout_per_class"):
+        MiniConfig(output_dir="x", holdout_per_class=4)

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -226,7 +226,8 @@ def write_report(out: Path, report: dict) -> None:
 
 
 # The config keys each stage's weights depend on (a stage also depends on the stages before it).
-_COMMON_KEYS = ("seed", "image_size", "batch_size", "save_dtype", "data.name", "data.classes")
+_COMMON_KEYS = ("seed", "image_size", "batch_size", "save_dtype", "data.name", "data.classes", "holdout_classes",
+                "holdout_per_class", "holdout_seed")
 STAGE_KEYS = {
     "decoder/movq": ("movq_channels", "movq_steps", "movq_lr", "latent_std_weight"),
     "prior/image_encoder": ("encoder_hidden", "encoder_layers", "encoder_patch", "embed_dim", "encoder_steps",
@@ -287,13 +288,23 @@ def _read_report(out: Path, cfg: MiniConfig) -> dict:
 # --------------------------------------------------------------------------------------------------------------------
 # The whole run
 # --------------------------------------------------------------------------------------------------------------------
-def _load_split(cfg: MiniConfig, split: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def _load_split(cfg: MiniConfig, split: str, held_out: Sequence[str] = ()) -> Tuple[torch.Tensor, torch.Tensor]:
     from diffusion.data import dataset_classes, make_loader, split_records
 
-    classes = dataset_classes(cfg.data)
-    loader = make_loader(split_records(cfg.data, split, classes), cfg.data, cfg.image_size, batch_size=256)
+    records = [r for r in split_records(cfg.data, split, dataset_classes(cfg.data)) if str(r.path) not in held_out]
+    loader = make_loader(records, cfg.data, cfg.image_size, batch_size=256)
     xs, ys = zip(*[(b["pixel_values"], b["label"]) for b in loader if b is not None])
     return torch.cat(xs), torch.cat(ys)
+
+
+def held_out_files(cfg: MiniConfig) -> List[str]:
+    """The train images left out of training (holdout_*): the validation images of scripts/calibrate.py."""
+    from diffusion.data import validation_split
+
+    if not cfg.holdout_per_class:
+        return []
+    val, _ = validation_split(cfg.data, cfg.holdout_classes, cfg.holdout_per_class, cfg.holdout_seed)
+    return sorted(str(r.path) for c in cfg.holdout_classes for r in val[c])
 
 
 def _save_half(model, path: Path, dtype: torch.dtype) -> None:
@@ -314,10 +325,13 @@ def train_mini_model(cfg: MiniConfig) -> dict:
     report = _read_report(out, cfg)  # before anything loads: a finished stage trained otherwise is refused
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    x_train, y_train = _load_split(cfg, cfg.data.train_split)
+    held_out = held_out_files(cfg)
+    x_train, y_train = _load_split(cfg, cfg.data.train_split, held_out)
     x_test, y_test = _load_split(cfg, cfg.data.eval_split)
-    log.info("mini model: %d train / %d test images at %d px, %d classes", len(x_train), len(x_test),
-             cfg.image_size, len(set(y_train.tolist())))
+    log.info("mini model: %d train / %d test images at %d px, %d classes%s", len(x_train), len(x_test),
+             cfg.image_size, len(set(y_train.tolist())),
+             f"; {len(held_out)} train images held out for validation ({cfg.holdout_per_class} per class of "
+             f"{', '.join(cfg.holdout_classes)})" if held_out else "")
     out.mkdir(parents=True, exist_ok=True)
 
     movq_dir = out / "decoder" / "movq"
@@ -363,6 +377,7 @@ def train_mini_model(cfg: MiniConfig) -> dict:
         unet, report["unet"] = train_unet(cfg, batch_fn, len(x_train), c0, gen)
         _save_atomic(lambda p: _save_half(unet, p, save_dtype), unet_dir)
         kandinsky_scheduler().save_pretrained(out / "decoder" / "scheduler")
+    report["data"] = {"train_images": len(x_train), "test_images": len(x_test), "held_out_images": len(held_out)}
     report["config"] = report_config(cfg)
     write_report(out, report)
     return report

@@ -16,9 +16,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from diffusion.config import EditConfig
-from diffusion.data import make_loader, split_records
+from diffusion.data import make_loader, validation_split
 from diffusion.embeddings import class_mean, load_class_embeds
-from diffusion.errors import ConfigError
 from diffusion.files import relative_path
 from diffusion.metrics import pixel_l2
 from diffusion.pipeline import ClassDirection, DIFFusionPipeline
@@ -98,18 +97,26 @@ def choose(results: Sequence[SettingResult]) -> Optional[SettingResult]:
     return min(ok, key=key)
 
 
-def validation_split(cfg: EditConfig, classes: Sequence[str], per_class: int, seed: int) -> Tuple[dict, dict]:
-    """({class: validation records}, {class: the other train records}): a seeded share of each class's train split."""
-    val, rest = {}, {}
-    for c in classes:
-        records = split_records(cfg.data, cfg.data.train_split, [c])
-        if len(records) < per_class + 2:
-            raise ConfigError(f"class '{c}' has {len(records)} train images: too few to hold out {per_class} for "
-                              "validation (lower --images)")
-        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
-        val[c] = [records[i] for i in sorted(order[:per_class])]
-        rest[c] = [records[i] for i in sorted(order[per_class:])]
-    return val, rest
+def validation_seen(cfg: EditConfig, classes: Sequence[str], per_class: int, seed: int) -> Optional[str]:
+    """Whether the decoder trained on the validation images, as far as a training report next to it says
+    (``scripts/train_mini_model.py`` writes one and can hold calibrate's images out: ``holdout_*``): a sentence for the
+    log, or None when there is no report (a downloaded or LoRA-tuned decoder: nothing is known)."""
+    import json
+    from pathlib import Path
+
+    path = Path(cfg.model.decoder).parent / "training_report.json"
+    try:
+        stored = json.loads(path.read_text()).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    held = (set(classes) <= set(stored.get("holdout_classes") or []) and stored.get("holdout_seed", 0) == seed
+            and (stored.get("holdout_per_class") or 0) >= per_class)
+    if held:
+        return (f"the validation images were held out of the model's training ({path}: holdout_per_class "
+                f"{stored['holdout_per_class']}, seed {seed}): they are unseen images")
+    return (f"the model trained on these validation images ({path} holds none of them out): the figures are "
+            "optimistic next to unseen images (scripts/train_mini_model.py holdout_classes/holdout_per_class/"
+            "holdout_seed leave them out)")
 
 
 def _images(cfg: EditConfig, records, size: int) -> torch.Tensor:
@@ -122,7 +129,7 @@ def calibrate(cfg: EditConfig, pipe: DIFFusionPipeline, oracle, judge, pairs: Se
     """Edit ``per_class`` validation images of each class of ``pairs`` (both ways) at every setting; returns one
     result per setting, in the order given."""
     classes = sorted({c for pair in pairs for c in pair})
-    val, rest = validation_split(cfg, classes, per_class, seed)
+    val, rest = validation_split(cfg.data, classes, per_class, seed)
     means = {}
     for c in classes:  # class means without the validation images
         embeds, meta = load_class_embeds(cfg.embeds_dir, c, pipe.encoder.embed_dim)
