@@ -467,6 +467,11 @@ class LoraTrainConfig(Schema):
     gradient_checkpointing: bool = opt(False, "recompute UNet activations in backward: less memory, ~30% slower")
     allow_tf32: bool = opt(True, "TF32 matmuls and convolutions on CUDA (no effect elsewhere)")
     augment_flip: bool = opt(False, "random horizontal flips; MoVQ latents are then computed every step (no cache)")
+    holdout_per_class: int = opt(0, "leave this many train images per class out of training: the validation images "
+                                    "scripts/calibrate.py edits with --images this (or fewer) and --seed "
+                                    "holdout_seed, so that settings are chosen on images the adapter never saw; "
+                                    "0 = train on all", ge=0)
+    holdout_seed: int = opt(0, "the seed of that share (calibrate.py's --seed)", ge=0)
     cache_dir: Optional[str] = opt(None, "MoVQ latents + CLIP embeddings, keyed by model and data; null = "
                                          "output_dir/cache")
     checkpointing_steps: int = opt(100, "write checkpoint-<step>/ every N steps (and at the last)", gt=0)

@@ -71,6 +71,17 @@ def validation_split(d: DataConfig, classes: Sequence[str], per_class: int,
     return val, rest
 
 
+def held_out_paths(d: DataConfig, classes: Sequence[str], per_class: int, seed: int) -> List[str]:
+    """The paths of :func:`validation_split`'s validation images, drawn from the whole train split (data.num_samples
+    does not cap it, as in scripts/calibrate.py), for a trainer to leave out."""
+    import dataclasses
+
+    if not per_class:
+        return []
+    val, _ = validation_split(dataclasses.replace(d, num_samples=None), classes, per_class, seed)
+    return sorted(str(r.path) for c in classes for r in val[c])
+
+
 def make_loader(records: List[ImageRecord], d: DataConfig, size: int, batch_size: int) -> DataLoader:
     """Ordered batches of dicts (pixel_values (B, 3, size, size) in [0, 1], label, index, path); unreadable files
     stop the run (on_bad_file: error) or are dropped with a warning (skip)."""

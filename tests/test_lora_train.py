@@ -252,6 +252,35 @@ def test_stop_signal_checkpoints_then_resume_continues(env, tmp_path, monkeypatc
     assert_same_weights(adapter_tensors(out), adapter_tensors(ref.output_dir / "checkpoint-4"))
 
 
+def test_holdout_leaves_calibrates_images_out_and_calibrate_reads_the_run(env, tmp_path, reference, caplog):
+    """holdout_per_class keeps scripts/calibrate.py's validation images (same count and seed) out of the LoRA's
+    training data; calibrate reads the run's config.yaml to say whether its images were unseen by the adapter."""
+    import logging
+
+    from diffusion.config import EditConfig, LoraRef, ModelConfig
+    from diffusion.edit.calibrate import validation_seen
+
+    out = tmp_path / "held"
+    with caplog.at_level(logging.INFO, logger="diffusion.train.trainer"):
+        train_lora(make_cfg(env, out, "max_train_steps=1", "holdout_per_class=3", "holdout_seed=1"))
+    assert "6 train images held out for scripts/calibrate.py (holdout_per_class 3, seed 1)" in caplog.text
+    with pytest.raises(ConfigError, match="only 10 training images"):  # 16 - 6: the held-out images are gone
+        train_lora(make_cfg(env, tmp_path / "few", "holdout_per_class=3", "train_batch_size=12"))
+
+    def seen(lora_path, per_class, seed):
+        cfg = EditConfig(output_dir=str(tmp_path / "edit"), search="fixed", lora=LoraRef(path=str(lora_path)),
+                         model=ModelConfig(decoder=str(env["model"] / "decoder"), prior=str(env["model"] / "prior")))
+        return validation_seen(cfg, ["a", "b"], per_class, seed)
+
+    assert "held out of the training of the LoRA adapter" in seen(out, 3, 1)
+    assert "held out of the training of the LoRA adapter" in seen(out, 2, 1)  # fewer images: the same draw's first
+    for per_class, seed in ((4, 1), (3, 0)):
+        assert "did not hold these validation images out" in seen(out, per_class, seed)
+    ref_cfg, _ = reference  # trained on every image
+    assert "LoRA adapter" in seen(ref_cfg.output_dir, 1, 0) and "did not hold" in seen(ref_cfg.output_dir, 1, 0)
+    assert "did not hold" in seen(Path(ref_cfg.output_dir) / "checkpoint-6", 1, 0)  # the stamp one folder up
+
+
 def test_gradient_checkpointing_really_applies(env):
     """Same LoRA gradients, and the checkpointed blocks run their forward again during backward."""
     cfg = make_cfg(env, Path("unused"))

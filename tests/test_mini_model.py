@@ -176,7 +176,7 @@ def test_holdout_leaves_calibrates_validation_images_out_and_calibrate_knows(tmp
     """holdout_* leave out exactly the images scripts/calibrate.py edits (same classes, count and seed), and the
     calibration reads the training report to say whether its validation images were unseen."""
     from diffusion.config import DataConfig, EditConfig, MiniConfig, ModelConfig
-    from diffusion.data import validation_split
+    from diffusion.data import held_out_paths, validation_split
     from diffusion.demo.mini import held_out_files, train_mini_model
     from diffusion.edit.calibrate import validation_seen
     from diffusion.errors import ConfigError
@@ -188,6 +188,8 @@ def test_holdout_leaves_calibrates_validation_images_out_and_calibrate_knows(tmp
                      holdout_classes=["3", "8"], holdout_per_class=5, holdout_seed=2)
     val, _ = validation_split(data, ["3", "8"], 5, seed=2)
     assert held_out_files(cfg) == sorted(str(r.path) for c in ("3", "8") for r in val[c])
+    capped = dataclasses.replace(data, num_samples=12)  # drawn from the whole split, as calibrate.py draws them
+    assert held_out_paths(capped, ["3", "8"], 5, 2) == held_out_files(cfg)
     report = train_mini_model(cfg)
     assert report["data"] == {"train_images": 1347 - 10, "test_images": 450, "held_out_images": 10}
 
@@ -196,10 +198,11 @@ def test_holdout_leaves_calibrates_validation_images_out_and_calibrate_knows(tmp
                           data=dataclasses.replace(data, classes=classes),
                           model=ModelConfig(decoder=str(out / "decoder"), prior=str(out / "prior")))
 
-    assert "held out of the model's training" in validation_seen(edit_cfg(["3", "8"]), ["3", "8"], 5, 2)
-    assert "held out" in validation_seen(edit_cfg(["3", "8"]), ["8"], 3, 2)  # fewer images: a subset
+    assert "held out of the training of the decoder" in validation_seen(edit_cfg(["3", "8"]), ["3", "8"], 5, 2)
+    assert "held out of the training" in validation_seen(edit_cfg(["3", "8"]), ["8"], 3, 2)  # fewer: a subset
     for classes, per_class, seed in [(["3", "4"], 5, 2), (["3", "8"], 6, 2), (["3", "8"], 5, 0)]:
-        assert "trained on these validation images" in validation_seen(edit_cfg(classes), classes, per_class, seed)
+        message = validation_seen(edit_cfg(classes), classes, per_class, seed)
+        assert "did not hold these validation images out" in message and "holdout_per_class" in message
     no_report = dataclasses.replace(edit_cfg(["3", "8"]), model=ModelConfig(decoder=str(tmp_path / "x" / "decoder")))
     assert validation_seen(no_report, ["3", "8"], 5, 2) is None  # nothing known of a downloaded decoder
     with pytest.raises(ConfigError, match="holdout_per_class"):

@@ -299,12 +299,9 @@ def _load_split(cfg: MiniConfig, split: str, held_out: Sequence[str] = ()) -> Tu
 
 def held_out_files(cfg: MiniConfig) -> List[str]:
     """The train images left out of training (holdout_*): the validation images of scripts/calibrate.py."""
-    from diffusion.data import validation_split
+    from diffusion.data import held_out_paths
 
-    if not cfg.holdout_per_class:
-        return []
-    val, _ = validation_split(cfg.data, cfg.holdout_classes, cfg.holdout_per_class, cfg.holdout_seed)
-    return sorted(str(r.path) for c in cfg.holdout_classes for r in val[c])
+    return held_out_paths(cfg.data, cfg.holdout_classes, cfg.holdout_per_class, cfg.holdout_seed)
 
 
 def _save_half(model, path: Path, dtype: torch.dtype) -> None:

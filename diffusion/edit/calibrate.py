@@ -97,26 +97,52 @@ def choose(results: Sequence[SettingResult]) -> Optional[SettingResult]:
     return min(ok, key=key)
 
 
+def _held_out(stored: dict, classes: Sequence[str], per_class: int, seed: int) -> bool:
+    """Whether a trainer's recorded config left every validation image of ``classes`` out of its training (or never
+    trained on the class): the same seed, at least as many per class, and the class among those held out (a LoRA run
+    holds out every class it trains on; the mini model names its holdout_classes)."""
+    trained_on = list((stored.get("data") or {}).get("classes") or classes)  # [] = every class of the dataset
+    held_classes = stored.get("holdout_classes")
+    held_classes = trained_on if held_classes is None else held_classes
+    same_draw = stored.get("holdout_seed", 0) == seed and (stored.get("holdout_per_class") or 0) >= per_class
+    return all(c not in trained_on or (same_draw and c in held_classes) for c in classes)
+
+
 def validation_seen(cfg: EditConfig, classes: Sequence[str], per_class: int, seed: int) -> Optional[str]:
-    """Whether the decoder trained on the validation images, as far as a training report next to it says
-    (``scripts/train_mini_model.py`` writes one and can hold calibrate's images out: ``holdout_*``): a sentence for the
-    log, or None when there is no report (a downloaded or LoRA-tuned decoder: nothing is known)."""
+    """Whether the model trained on the validation images, as far as its records say: the training report next to a
+    decoder written by scripts/train_mini_model.py (``holdout_*`` there) and the config.yaml of the LoRA run
+    (``holdout_per_class``, ``holdout_seed``). A sentence for the log, or None when nothing is recorded (a downloaded
+    decoder without an adapter)."""
     import json
     from pathlib import Path
 
-    path = Path(cfg.model.decoder).parent / "training_report.json"
-    try:
-        stored = json.loads(path.read_text()).get("config", {})
-    except (OSError, ValueError, AttributeError):
-        return None
-    held = (set(classes) <= set(stored.get("holdout_classes") or []) and stored.get("holdout_seed", 0) == seed
-            and (stored.get("holdout_per_class") or 0) >= per_class)
-    if held:
-        return (f"the validation images were held out of the model's training ({path}: holdout_per_class "
-                f"{stored['holdout_per_class']}, seed {seed}): they are unseen images")
-    return (f"the model trained on these validation images ({path} holds none of them out): the figures are "
-            "optimistic next to unseen images (scripts/train_mini_model.py holdout_classes/holdout_per_class/"
-            "holdout_seed leave them out)")
+    from omegaconf import OmegaConf
+
+    known, seen = [], []
+    report = Path(cfg.model.decoder).parent / "training_report.json"
+    if report.is_file():
+        try:
+            stored = json.loads(report.read_text())["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            stored = {}  # unreadable: assume the worst
+        (known if _held_out(stored, classes, per_class, seed) else seen).append(f"the decoder ({report})")
+    if cfg.lora.path:
+        folder = Path(cfg.lora.path)
+        stamp = next((f / "config.yaml" for f in (folder, folder.parent) if (f / "config.yaml").is_file()), None)
+        try:
+            stored = OmegaConf.to_container(OmegaConf.load(stamp)) if stamp else {}
+        except Exception:  # a damaged stamp: assume the worst
+            stored = {}
+        where = stamp or f"{folder}, which has no config.yaml of its training run"
+        (known if isinstance(stored, dict) and _held_out(stored, classes, per_class, seed) else seen).append(
+            f"the LoRA adapter ({where})")
+    if seen:
+        return (f"{' and '.join(seen)} did not hold these validation images out of training: the figures are "
+                "optimistic next to unseen images (to hold them out: holdout_per_class and holdout_seed of the LoRA "
+                "run; holdout_classes, holdout_per_class and holdout_seed of scripts/train_mini_model.py)")
+    if known:
+        return f"the validation images were held out of the training of {' and '.join(known)}: they are unseen images"
+    return None
 
 
 def _images(cfg: EditConfig, records, size: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion.config import DType, LoraTrainConfig, MixedPrecision, ReportTo, config_dict
-from diffusion.data import dataset_classes, split_records
+from diffusion.data import dataset_classes, held_out_paths, split_records
 from diffusion.devices import dtype_name, resolve_device, resolve_dtype
 from diffusion.errors import CheckpointError, ConfigError, RunInterrupted
 from diffusion.files import run_lock
@@ -177,6 +177,12 @@ class LoraTrainer:
         self.rank, self.world = acc.process_index, acc.num_processes
         self.classes = dataset_classes(cfg.data)
         self.records = split_records(cfg.data, cfg.data.train_split, self.classes)  # listed before any model loads
+        if cfg.holdout_per_class:  # calibrate.py's validation images stay unseen
+            held = set(held_out_paths(cfg.data, self.classes, cfg.holdout_per_class, cfg.holdout_seed))
+            kept = [r for r in self.records if str(r.path) not in held]
+            log.info("%d train images held out for scripts/calibrate.py (holdout_per_class %d, seed %d)",
+                     len(self.records) - len(kept), cfg.holdout_per_class, cfg.holdout_seed)
+            self.records = kept
         self.where = f"{cfg.data.root}/{cfg.data.train_split}, classes {self.classes}"
         check_batch(len(self.records), cfg, self.world, self.where)
         self.val_records = validation_records(cfg, self.classes) if cfg.validation_steps else []
