@@ -64,7 +64,7 @@ def validation_split(d: DataConfig, classes: Sequence[str], per_class: int,
         records = split_records(d, d.train_split, [c])
         if len(records) < per_class + 2:
             raise ConfigError(f"class '{c}' has {len(records)} train images: too few to hold out {per_class} for "
-                              "validation (hold out fewer)")
+                              "validation (hold out fewer: calibrate.py --images, or holdout_per_class)")
         order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
         val[c] = [records[i] for i in sorted(order[:per_class])]
         rest[c] = [records[i] for i in sorted(order[per_class:])]
