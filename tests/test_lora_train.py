@@ -279,6 +279,11 @@ def test_holdout_leaves_calibrates_images_out_and_calibrate_reads_the_run(env, t
     ref_cfg, _ = reference  # trained on every image
     assert "LoRA adapter" in seen(ref_cfg.output_dir, 1, 0) and "did not hold" in seen(ref_cfg.output_dir, 1, 0)
     assert "did not hold" in seen(Path(ref_cfg.output_dir) / "checkpoint-6", 1, 0)  # the stamp one folder up
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "config.yaml").write_text("holdout_per_class: [unclosed\n")
+    assert "did not hold" in seen(damaged, 1, 0)  # an unreadable record proves nothing
+    assert "which has no config.yaml" in seen(tmp_path / "nowhere", 1, 0)
 
 
 def test_gradient_checkpointing_really_applies(env):

@@ -9,8 +9,10 @@ edits. The rule that picks a setting is stated in :func:`choose` and printed wit
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -18,9 +20,11 @@ import torch
 from diffusion.config import EditConfig
 from diffusion.data import make_loader, validation_split
 from diffusion.embeddings import class_mean, load_class_embeds
+from diffusion.errors import ConfigError
 from diffusion.files import relative_path
 from diffusion.metrics import pixel_l2
 from diffusion.pipeline import ClassDirection, DIFFusionPipeline
+from diffusion.runinfo import read_stamped_config
 from diffusion.stats import as_list, wilson_interval
 
 log = logging.getLogger(__name__)
@@ -113,11 +117,6 @@ def validation_seen(cfg: EditConfig, classes: Sequence[str], per_class: int, see
     decoder written by scripts/train_mini_model.py (``holdout_*`` there) and the config.yaml of the LoRA run
     (``holdout_per_class``, ``holdout_seed``). A sentence for the log, or None when nothing is recorded (a downloaded
     decoder without an adapter)."""
-    import json
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
     known, seen = [], []
     report = Path(cfg.model.decoder).parent / "training_report.json"
     if report.is_file():
@@ -127,15 +126,14 @@ def validation_seen(cfg: EditConfig, classes: Sequence[str], per_class: int, see
             stored = {}  # unreadable: assume the worst
         (known if _held_out(stored, classes, per_class, seed) else seen).append(f"the decoder ({report})")
     if cfg.lora.path:
-        folder = Path(cfg.lora.path)
-        stamp = next((f / "config.yaml" for f in (folder, folder.parent) if (f / "config.yaml").is_file()), None)
+        folder = Path(cfg.lora.path)  # the run folder, or one of its checkpoint-<step> folders
+        run = next((f for f in (folder, folder.parent) if (f / "config.yaml").is_file()), None)
         try:
-            stored = OmegaConf.to_container(OmegaConf.load(stamp)) if stamp else {}
-        except Exception:  # a damaged stamp: assume the worst
+            stored = read_stamped_config(run) if run else {}
+        except ConfigError:  # a damaged stamp records nothing: assume the worst
             stored = {}
-        where = stamp or f"{folder}, which has no config.yaml of its training run"
-        (known if isinstance(stored, dict) and _held_out(stored, classes, per_class, seed) else seen).append(
-            f"the LoRA adapter ({where})")
+        where = run / "config.yaml" if run else f"{folder}, which has no config.yaml of its training run"
+        (known if _held_out(stored, classes, per_class, seed) else seen).append(f"the LoRA adapter ({where})")
     if seen:
         return (f"{' and '.join(seen)} did not hold these validation images out of training: the figures are "
                 "optimistic next to unseen images (to hold them out: holdout_per_class and holdout_seed of the LoRA "
