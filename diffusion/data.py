@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-
 from torch.utils.data import DataLoader
 
 from datasets.folder import ImageRecord, ImageRecordDataset, build_records, collate_skip_bad
@@ -74,8 +74,6 @@ def validation_split(d: DataConfig, classes: Sequence[str], per_class: int,
 def held_out_paths(d: DataConfig, classes: Sequence[str], per_class: int, seed: int) -> List[str]:
     """The paths of :func:`validation_split`'s validation images, drawn from the whole train split (data.num_samples
     does not cap it, as in scripts/calibrate.py), for a trainer to leave out."""
-    import dataclasses
-
     if not per_class:
         return []
     val, _ = validation_split(dataclasses.replace(d, num_samples=None), classes, per_class, seed)

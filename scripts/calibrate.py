@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 
 from diffusion.cli import add_overrides, config_from_args, guarded, setup_logging
@@ -95,9 +94,6 @@ def main(argv=None) -> int:
             raise ConfigError("name the class pairs with --pairs a,b [c,d ...] (the config does not list two classes)")
         classes = sorted({c for p in pairs for c in p})
         cfg = dataclasses.replace(base, data=dataclasses.replace(base.data, classes=classes, num_samples=None))
-        seen = validation_seen(cfg, classes, args.images, args.seed)
-        if seen:
-            logging.getLogger("calibrate").info(seen)
         clf = load_classifiers(cfg, classes, resolve_device(cfg.model.device))
         pipe = load_pipeline(cfg, resolve_device(cfg.model.device))
         settings = [Setting(e, g, t, a) for e in args.etas for g in args.guidance for t in args.thresholds
@@ -114,6 +110,7 @@ def main(argv=None) -> int:
             print("no setting made an edit the judge accepts: try larger etas or guidance, or check the judge")
             return
         print("\nthe chosen setting by direction:\n" + direction_table(chosen))
+        seen = validation_seen(cfg, classes, args.images, args.seed)
         if seen:
             print(seen)
         text = snippet(chosen, pairs, args.images)

@@ -153,6 +153,9 @@ def calibrate(cfg: EditConfig, pipe: DIFFusionPipeline, oracle, judge, pairs: Se
     """Edit ``per_class`` validation images of each class of ``pairs`` (both ways) at every setting; returns one
     result per setting, in the order given."""
     classes = sorted({c for pair in pairs for c in pair})
+    seen = validation_seen(cfg, classes, per_class, seed)
+    if seen:
+        log.info(seen)
     val, rest = validation_split(cfg.data, classes, per_class, seed)
     means = {}
     for c in classes:  # class means without the validation images
