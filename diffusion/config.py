@@ -622,6 +622,8 @@ class MiniConfig(Schema):
         self.need(self.image_size % self.encoder_patch == 0, "encoder_patch", "must divide image_size")
         self.need(bool(self.holdout_classes) == (self.holdout_per_class > 0), "holdout_per_class",
                   "set both holdout_classes and holdout_per_class (or neither)")
+        self.need(len(set(self.holdout_classes)) == len(self.holdout_classes), "holdout_classes",
+                  "names a class twice")
 
 
 SCHEMAS: Dict[str, type] = {

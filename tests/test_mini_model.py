@@ -209,3 +209,5 @@ def test_holdout_leaves_calibrates_validation_images_out_and_calibrate_knows(tmp
         MiniConfig(output_dir="x", holdout_classes=["3"])
     with pytest.raises(ConfigError, match="holdout_per_class"):
         MiniConfig(output_dir="x", holdout_per_class=4)
+    with pytest.raises(ConfigError, match="holdout_classes.*names a class twice"):
+        MiniConfig(output_dir="x", holdout_classes=["3", "3"], holdout_per_class=4)
