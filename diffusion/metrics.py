@@ -167,8 +167,6 @@ def is_judge_flip(row: Dict[str, str]) -> bool:
     return not (row.get("search") in SEARCHES and row.get("flipped") != "1")
 
 
-
-
 def is_already_target(row: Dict[str, str]) -> bool:
     """The oracle already assigned the original to the target class: not searched, never a flip, not attempted."""
     return row.get("already_target") == "1"

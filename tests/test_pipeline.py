@@ -100,7 +100,6 @@ def test_search_with_an_oracle_keeps_the_mildest_edit_that_meets_the_criterion(p
     assert all(e.already_target and not e.flipped and e.picture is None for e in out.edits) and not out.attempts
 
 
-
 class Constant:
     """A stand-in classifier over ("3", "8") that calls every image ``label``."""
 
@@ -138,6 +137,8 @@ def test_the_judge_never_credits_an_edit_the_search_rejected(pipe, digits):
                  oracle=moved, judge=judge)
     assert all(e.searched and e.flipped and e.t_skip == 0.9 and e.judge_flipped is True for e in found.edits)
     assert pipe(inv, direction, eta=1.0, t_skip=0.8, guidance_scale=1.0).edits[0].judge_flipped is None  # no judge
+
+
 def test_bad_input_is_refused_with_a_clear_message(pipe, digits, tmp_path):
     direction = ClassDirection(torch.zeros(pipe.encoder.embed_dim), torch.ones(pipe.encoder.embed_dim), "3", "8")
     inv = pipe.invert(_files(digits, "test", "3", 1), num_inference_steps=T,

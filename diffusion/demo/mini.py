@@ -291,7 +291,8 @@ def _read_report(out: Path, cfg: MiniConfig) -> dict:
 def _load_split(cfg: MiniConfig, split: str, held_out: Sequence[str] = ()) -> Tuple[torch.Tensor, torch.Tensor]:
     from diffusion.data import dataset_classes, make_loader, split_records
 
-    records = [r for r in split_records(cfg.data, split, dataset_classes(cfg.data)) if str(r.path) not in held_out]
+    left_out = set(held_out)
+    records = [r for r in split_records(cfg.data, split, dataset_classes(cfg.data)) if str(r.path) not in left_out]
     loader = make_loader(records, cfg.data, cfg.image_size, batch_size=256)
     xs, ys = zip(*[(b["pixel_values"], b["label"]) for b in loader if b is not None])
     return torch.cat(xs), torch.cat(ys)
