@@ -109,7 +109,7 @@
       var head = ["direction", "edits", "flipped", "flip rate [95% CI]"];
       if (judged) head.push("judge flip rate");
       head = head.concat(["LPIPS", "L2 (flipped)", "mean t_skip"]);
-      side.appendChild(el("div", {}, el("h3", {text: "Per direction"}),
+      side.appendChild(el("div", {className: "per-direction"}, el("h3", {text: "Per direction"}),
         el("div", {className: "table-wrap"}, table(head, Object.keys(dirs).map(function (k) {
           var d = dirs[k];
           var row = [k.replace("->", " " + ARROW + " "), String(d.n), String(d.n_flipped),
