@@ -30,7 +30,8 @@ from diffusion.stats import as_list, wilson_interval
 log = logging.getLogger(__name__)
 
 # An edit is "closer" when its pixel change is smaller than the distance from its source to the nearest real train image
-# of the target class: where it is not, showing that real image would teach as much.
+# of the target class: where it is not, showing that real image would teach as much. Here the nearest is sought among
+# the train images that are not validation images (benchmarks/demo_quality.py, on test images, searches all of them).
 
 
 @dataclass
