@@ -12,6 +12,16 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session")
+def default_sigint():
+    """A ``preexec_fn`` for subprocesses that a test stops with SIGINT: the child starts with SIGINT's default
+    action, so Python turns it into KeyboardInterrupt even when the suite itself was started as a background job
+    (a shell without job control starts those with SIGINT ignored, and children inherit that)."""
+    import signal
+
+    return lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def one_thread_module():
     """One torch thread for a module of many small-op trainings: results do not depend on the machine's core count,
