@@ -12,14 +12,19 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def default_sigint():
-    """A ``preexec_fn`` for subprocesses that a test stops with SIGINT: the child starts with SIGINT's default
-    action, so Python turns it into KeyboardInterrupt even when the suite itself was started as a background job
-    (a shell without job control starts those with SIGINT ignored, and children inherit that)."""
+@pytest.fixture(scope="session", autouse=True)
+def sigint_not_ignored():
+    """Tests that stop a subprocess with SIGINT need it to reach the child. A shell without job control starts a
+    background job (the suite run as ``pytest &``, as some CI runners do) with SIGINT ignored, and an ignored signal
+    stays ignored across exec, so the child would never see it. Giving this process Python's usual handler for the
+    session makes every child start with SIGINT's default action (exec resets handled signals to it)."""
     import signal
 
-    return lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+    previous = signal.getsignal(signal.SIGINT)
+    if previous == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="module")

@@ -311,7 +311,7 @@ def test_ctrl_c_of_an_edit_run_is_one_line_exit_130_and_the_rerun_resumes(tmp_pa
 
 
 @pytest.mark.slow
-def test_sigint_of_the_real_command_exits_130_with_one_line(tmp_path, default_sigint):
+def test_sigint_of_the_real_command_exits_130_with_one_line(tmp_path):
     """The documented command, interrupted with SIGINT while it edits: exit 130, one line, no traceback."""
     import signal
     import time
@@ -319,8 +319,7 @@ def test_sigint_of_the_real_command_exits_130_with_one_line(tmp_path, default_si
     out = tmp_path / "demo"
     cmd = [sys.executable, "kandinsky_eval.py", "--config_path", "configs/edit/demo.yaml", f"output_dir={out}/edit",
            f"embeds_dir={out}/embeds", f"data.root={out}/digits", "views.enabled=false"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=default_sigint)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     shards = out / "edit" / "shards"
     while time.time() < deadline and not any(p.stat().st_size for p in shards.glob("*.csv")):

@@ -373,7 +373,7 @@ def test_the_app_edits_in_chromium_and_moves_with_the_slider_offline(served, ben
 
 
 @pytest.mark.slow
-def test_the_app_command_serves_the_demo_model_and_stops_on_ctrl_c(tmp_path, default_sigint):
+def test_the_app_command_serves_the_demo_model_and_stops_on_ctrl_c(tmp_path):
     """scripts/app.py as documented, on the demo model and its classifiers, every connection it makes logged by an
     audit hook: it serves on 127.0.0.1, answers a choice and a slider move in Chromium, touches no other host, and
     Ctrl-C stops it."""
@@ -397,8 +397,7 @@ def test_the_app_command_serves_the_demo_model_and_stops_on_ctrl_c(tmp_path, def
     port = _free_port()
     cmd = [sys.executable, "scripts/app.py", "--config_path", "configs/edit/demo.yaml", "--port", str(port),
            f"output_dir={tmp_path / 'run'}", f"embeds_dir={tmp_path / 'embeds'}", f"data.root={tmp_path / 'digits'}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=default_sigint)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
         while _port_closed(port):
